@@ -1,0 +1,461 @@
+"""DiffGAP: a lightweight conditional diffusion model inside a contrastive embedding space.
+
+Mo, Chen, Bao, Zhu, "DiffGAP: A Lightweight Diffusion Module in Contrastive Space for Bridging
+Cross-Modal Gap", ICASSP 2025 (arXiv 2503.12131). A small DDPM denoises one modality's CLAP /
+CAVP embedding conditioned on the other's; one network serves both directions, trained with
+bidirectional split training (Algorithm 1: condition and target swap every m iterations).
+
+This file reads top to bottom: noise schedule, denoiser network, diffusion (loss and samplers),
+training loop, metrics. It needs only torch; copy it alone into another codebase if you like.
+
+    python train.py --pair audio-video      # trains on the built-in synthetic embeddings
+    python sample.py --steps 5              # 5-step DDIM, retrieval and generation metrics
+
+Conventions (../shared/DESIGN.md section 3): modality A is audio, B is video or text.
+Direction 0 is "B->A" (condition on B, generate A), direction 1 is "A->B". Timesteps are
+0..T-1. Embeddings enter and leave as unit vectors; the model works on x = (e - mean) * scale,
+whose coordinates have unit variance, so they match the N(0, I) noise.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional fused Triton kernels; this file works without the package
+    import kernels as _kernels
+except ImportError:
+    _kernels = None
+
+
+@dataclass
+class DiffGAPConfig:
+    dim_a: int = 512                 # embedding dim of modality A (audio)
+    dim_b: int = 512                 # embedding dim of modality B (video or text)
+    hidden: int = 512                # width of the residual stream (keep >= the embedding dims:
+                                     # at large t the net must pass x_t through almost unchanged)
+    inner: int = 224                 # width of each block's hidden step (the fused Triton step)
+    depth: int = 2                   # number of residual blocks
+    time_dim: int = 128              # size of the sinusoidal timestep features
+    timesteps: int = 1000            # T; timesteps are 0..T-1
+    schedule: str = "cosine"         # "cosine" (Nichol & Dhariwal) or "linear" (Ho et al.)
+    objective: str = "eps"           # what the network predicts: "eps" (paper), "x0" or "v"
+    p_uncond: float = 0.0            # probability of replacing the condition by the null vector
+    direction_embedding: bool = True  # add a learned direction vector to the time embedding;
+                                      # False is the paper-faithful shared network
+    center: bool = True              # subtract each modality's mean before scaling (DESIGN 3.3)
+    switch_every: int = 5000         # m: swap condition and target every m steps (paper: 5000)
+    ema_decay: float = 0.999         # EMA of the weights used for sampling; 0 turns EMA off
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Noise schedule (Ho et al. 2020, eq. 4; Nichol & Dhariwal 2021, eq. 17)
+# ----------------------------------------------------------------------------------------
+
+def make_schedule(kind: str, T: int) -> dict[str, torch.Tensor]:
+    """beta_t and what follows from it, for t = 0..T-1: each a float32 tensor of shape (T,).
+
+    Computed in float64: alpha_bar at t = T-1 of the cosine schedule is ~1e-9, and float32
+    cumulative products drift long before that.
+    """
+    if kind == "linear":
+        beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    elif kind == "cosine":
+        s = 0.008
+        t = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2          # alpha_bar(t) = f(t) / f(0)
+        beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)                 # beta_t = 1 - abar_t/abar_{t-1}
+    else:
+        raise ValueError(f"unknown schedule {kind!r}: use 'cosine' or 'linear'")
+    alpha = 1 - beta                                                  # alpha_t = 1 - beta_t
+    alpha_bar = torch.cumprod(alpha, 0)                               # alpha_bar_t = prod_{s<=t} alpha_s
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    sched = {
+        "beta": beta,
+        "alpha": alpha,
+        "alpha_bar": alpha_bar,
+        "alpha_bar_prev": alpha_bar_prev,
+        "sqrt_alpha_bar": alpha_bar.sqrt(),
+        "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),
+        # q(x_{t-1} | x_t, x0) variance: beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+        "posterior_variance": beta * (1 - alpha_bar_prev) / (1 - alpha_bar),
+    }
+    return {k: v.float() for k, v in sched.items()}
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """The S timesteps a few-step sampler visits: "trailing" spacing that starts at T-1.
+
+    ddim_timesteps(1000, 5) == [999, 799, 599, 399, 199]; after the last one comes x0.
+    """
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    return [T - 1 - (i * T) // steps for i in range(steps)]
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Denoiser network
+# ----------------------------------------------------------------------------------------
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of integer timesteps (Vaswani et al. 2017): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]                      # (B, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+KERNELS = "auto"  # "auto": Triton on CUDA tensors when available, else torch; "torch"; "triton"
+
+
+def hidden_step(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    """The denoiser's hidden step silu(h @ W^T + b + temb): h (B, H), W (I, H), temb (B, I) -> (B, I).
+
+    The time embedding enters every block here, before the activation; this is the step that
+    kernels/ fuses into one Triton launch (matmul, bias, temb and SiLU in one epilogue).
+    """
+    if _kernels is not None and hasattr(_kernels, "fused_linear_temb_silu"):
+        use = KERNELS == "triton" or (KERNELS == "auto" and h.is_cuda)
+        if use:
+            return _kernels.fused_linear_temb_silu(h, weight, bias, temb)
+    return F.silu(F.linear(h, weight, bias) + temb)
+
+
+class ResidualBlock(nn.Module):
+    """h + W2 silu(W1 LN(h) + b1 + temb): a pre-norm residual MLP block with time conditioning."""
+
+    def __init__(self, width: int, inner: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, inner)
+        self.fc2 = nn.Linear(inner, width)
+        nn.init.zeros_(self.fc2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return h + self.fc2(hidden_step(self.norm(h), self.fc1.weight, self.fc1.bias, temb))
+
+
+class Denoiser(nn.Module):
+    """Predicts eps (or x0, v) for the noisy target x_t given the condition, t and direction.
+
+    The condition enters twice. Its linear projection is added to x_t's at the input (the
+    same as a linear layer on the concatenation [x_t, cond]), a direct path for the mostly
+    linear map from one modality to the other. A small MLP of that projection is also summed
+    with the time (and direction) embedding and added inside every block's hidden step, so
+    the condition steers each block, as class labels do in DDPM. For classifier-free guidance
+    a learned null vector replaces the condition's projection (only the condition is dropped).
+    If the two modalities' dims differ, each modality gets its own input, condition and
+    output layers (linear adapters); with equal dims both directions share them (the paper).
+    """
+
+    def __init__(self, cfg: DiffGAPConfig):
+        super().__init__()
+        H, I, dims = cfg.hidden, cfg.inner, (cfg.dim_a, cfg.dim_b)
+        n_adapters = 1 if cfg.dim_a == cfg.dim_b else 2
+        # index [m] serves modality m (0: A, 1: B); a single shared layer when dims are equal
+        self.x_in = nn.ModuleList([nn.Linear(dims[m], H) for m in range(n_adapters)])
+        self.c_in = nn.ModuleList([nn.Linear(dims[m], H) for m in range(n_adapters)])
+        self.out = nn.ModuleList([nn.Linear(H, dims[m]) for m in range(n_adapters)])
+        self.null_cond = nn.Parameter(torch.zeros(H))  # learned "no condition" (for CFG)
+        self.time_dim = cfg.time_dim
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.time_dim, I), nn.SiLU(), nn.Linear(I, I))
+        self.cond_mlp = nn.Sequential(nn.SiLU(), nn.Linear(H, I))
+        self.dir_emb = nn.Embedding(2, I) if cfg.direction_embedding else None
+        self.blocks = nn.ModuleList([ResidualBlock(H, I) for _ in range(cfg.depth)])
+        self.norm_out = nn.LayerNorm(H)
+
+    def forward(self, x_t, t, cond, direction: int, drop_cond=None):
+        """x_t (B, D_target), t (B,) int, cond (B, D_cond), drop_cond (B,) bool or None -> (B, D_target)."""
+        tgt, src = (0, 1) if direction == 0 else (1, 0)
+        pick = lambda layers, m: layers[min(m, len(layers) - 1)]
+        c = pick(self.c_in, src)(cond)                                   # (B, H)
+        if drop_cond is not None:  # classifier-free guidance: only the condition is dropped
+            c = torch.where(drop_cond[:, None], self.null_cond.expand_as(c), c)
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x_t.dtype)) + self.cond_mlp(c)  # (B, I)
+        if self.dir_emb is not None:
+            emb = emb + self.dir_emb.weight[direction]
+        h = pick(self.x_in, tgt)(x_t) + c                                # (B, H)
+        for block in self.blocks:
+            h = block(h, emb)
+        return pick(self.out, tgt)(self.norm_out(h))                     # (B, D_target)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Diffusion: embedding scaling, training loss, samplers
+# ----------------------------------------------------------------------------------------
+
+class DiffGAP(nn.Module):
+    """The denoiser, its EMA copy, the schedule and the per-modality embedding statistics."""
+
+    def __init__(self, config: DiffGAPConfig):
+        super().__init__()
+        if config.objective not in ("eps", "x0", "v"):
+            raise ValueError(f"unknown objective {config.objective!r}: use 'eps', 'x0' or 'v'")
+        self.config = config
+        self.net = Denoiser(config)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False) if config.ema_decay > 0 else None
+        for name, value in make_schedule(config.schedule, config.timesteps).items():
+            self.register_buffer(name, value, persistent=False)  # derived from the config
+        # mean unit embedding per modality (DESIGN 3.3), fitted on training data by fit_stats
+        self.register_buffer("mean_a", torch.zeros(config.dim_a))
+        self.register_buffer("mean_b", torch.zeros(config.dim_b))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    def direction_at(self, step: int) -> int:
+        """Bidirectional split training (Algorithm 1): 0 (B->A) for m steps, then 1, then 0..."""
+        return (step // self.config.switch_every) % 2
+
+    # -- embedding space <-> diffusion space (DESIGN 3.3) ----------------------------------
+    @torch.no_grad()
+    def fit_stats(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Store each modality's mean unit embedding (when config.center); a (N, D_A), b (M, D_B)."""
+        if self.config.center:
+            self.mean_a.copy_(F.normalize(a.float(), dim=-1).mean(0))
+            self.mean_b.copy_(F.normalize(b.float(), dim=-1).mean(0))
+
+    def _stats(self, modality: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.mean_a if modality == 0 else self.mean_b
+        # unit vectors minus their mean have total variance 1 - |mean|^2; spread it over D coords
+        scale = torch.sqrt(mean.numel() / (1 - mean.pow(2).sum()).clamp(min=1e-6))
+        return mean, scale
+
+    def to_diffusion(self, e: torch.Tensor, modality: int) -> torch.Tensor:
+        """Unit-norm contrastive embedding (B, D) -> diffusion space, ~unit variance per coord."""
+        mean, scale = self._stats(modality)
+        return (F.normalize(e, dim=-1) - mean) * scale   # out of place: the caller's e is untouched
+
+    def from_diffusion(self, x: torch.Tensor, modality: int) -> torch.Tensor:
+        """Diffusion space (B, D) -> unit-norm contrastive embedding."""
+        mean, scale = self._stats(modality)
+        return F.normalize(x / scale + mean, dim=-1)
+
+    # -- training loss (Algorithm 1, lines 5-8; Ho et al. eq. 14) ---------------------------
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, direction: int) -> torch.Tensor:
+        """MSE of the denoiser on a batch: target (B, D_target), cond (B, D_cond), both unit norm."""
+        tgt, src = (0, 1) if direction == 0 else (1, 0)
+        x0 = self.to_diffusion(target, tgt)
+        c = self.to_diffusion(cond, src)   # the condition gets the same unit-variance scaling
+        t = torch.randint(0, self.config.timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        sa = self.sqrt_alpha_bar[t][:, None]
+        so = self.sqrt_one_minus_alpha_bar[t][:, None]
+        x_t = sa * x0 + so * eps                                   # q(x_t | x0), Ho et al. eq. 4
+        drop = torch.rand(x0.shape[0], device=x0.device) < self.config.p_uncond
+        pred = self.net(x_t, t, c, direction, drop if self.config.p_uncond > 0 else None)
+        target_of = {"eps": eps, "x0": x0, "v": sa * eps - so * x0}  # v: Salimans & Ho 2022
+        return F.mse_loss(pred, target_of[self.config.objective])
+
+    # -- from a network output to (x0, eps) --------------------------------------------------
+    def _x0_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: int):
+        sa, so = self.sqrt_alpha_bar[t].to(x_t.dtype), self.sqrt_one_minus_alpha_bar[t].to(x_t.dtype)
+        if self.config.objective == "eps":
+            return (x_t - so * out) / sa, out
+        if self.config.objective == "x0":
+            return out, (x_t - sa * out) / so
+        return sa * x_t - so * out, so * x_t + sa * out              # v
+
+    def _predict(self, net, x_t, t: int, cond, direction: int, guidance: float):
+        """Network output at integer timestep t, with classifier-free guidance when guidance != 1."""
+        tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        out = net(x_t, tt, cond, direction)
+        if guidance != 1.0:  # pred_null + s (pred_cond - pred_null), Ho & Salimans 2022
+            null = net(x_t, tt, cond, direction, torch.ones(x_t.shape[0], dtype=torch.bool, device=x_t.device))
+            out = null + guidance * (out - null)
+        return out
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, direction: int, steps: int = 5, sampler: str = "ddim",
+               eta: float = 0.0, guidance: float = 1.0, generator=None, use_ema: bool = True,
+               project: bool = True, denoise_fn=None) -> torch.Tensor:
+        """Generate target-modality embeddings for unit-norm conditions cond (N, D_cond) -> (N, D_target).
+
+        sampler "ddim" (Song et al. 2021, eq. 12) visits ddim_timesteps(T, steps) and is
+        deterministic for eta = 0; "ddpm" is ancestral sampling (Ho et al. Algorithm 2) over
+        the same timesteps with betas recomputed for the respaced chain; steps = T is the
+        original full chain. project re-projects each predicted x0 onto the embedding sphere
+        (DESIGN 3.8: never clip to [-1, 1]). denoise_fn(x_t, t, cond, direction) replaces the
+        network (tests use an oracle).
+        """
+        if guidance != 1.0 and self.config.p_uncond == 0:
+            raise ValueError("guidance != 1 needs a model trained with p_uncond > 0 (no null condition was learned)")
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"unknown sampler {sampler!r}: use 'ddim' or 'ddpm'")
+        tgt, src = (0, 1) if direction == 0 else (1, 0)
+        net = self.ema if (use_ema and self.ema is not None) else self.net
+        c = self.to_diffusion(cond.to(self.mean_a.device, self.alpha_bar.dtype), src)
+        dim = (self.config.dim_a, self.config.dim_b)[tgt]
+        x = torch.randn(c.shape[0], dim, generator=generator, device=c.device, dtype=c.dtype)  # x_{T-1}
+        ts = ddim_timesteps(self.config.timesteps, steps)
+        for i, t in enumerate(ts):
+            out = (denoise_fn(x, t, c, direction) if denoise_fn is not None
+                   else self._predict(net, x, t, c, direction, guidance))
+            x0, eps = self._x0_eps(out, x, t)
+            ab = self.alpha_bar[t]
+            if project:  # onto the embedding sphere, then the eps that agrees with the new x0
+                x0 = self.to_diffusion(self.from_diffusion(x0, tgt), tgt)
+                eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+            ab_prev = self.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ab)  # last: x0
+            if sampler == "ddim":
+                # sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
+                sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+                x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            else:
+                # posterior q(x_prev | x_t, x0) of the respaced chain, beta = 1 - abar_t / abar_prev
+                beta = 1 - ab / ab_prev
+                mean = (ab_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab_prev) * x) / (1 - ab)
+                x, sigma = mean, torch.sqrt(beta * (1 - ab_prev) / (1 - ab))
+            if i + 1 < len(ts) and float(sigma) > 0:  # no noise is added on the final step
+                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.from_diffusion(x, tgt)
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        """EMA of the weights after optimiser step `step`; the decay warms up over early steps."""
+        if self.ema is not None:
+            d = min(self.config.ema_decay, (1 + step) / (10 + step))
+            for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
+                p_ema.lerp_(p, 1 - d)   # p_ema = d p_ema + (1 - d) p
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Training loop: bidirectional split training (paper, Algorithm 1)
+# ----------------------------------------------------------------------------------------
+
+def train_steps(model: DiffGAP, a: torch.Tensor, b: torch.Tensor, optimizer: torch.optim.Optimizer,
+                steps: int, batch_size: int = 64, start_step: int = 0, direction: str = "both",
+                generator=None):
+    """Yield {"step", "loss", "direction"} after each optimisation step; prints nothing.
+
+    a (N, D_A) and b (N, D_B) are paired rows (a[i] goes with b[i]). Minibatches are drawn by
+    reshuffling every pass over the data. direction "both" switches every config.switch_every
+    steps from the *global* step (start_step + i), so a resumed run continues in its phase;
+    "b2a" / "a2b" train one direction only.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"a and b must be paired row for row, got {len(a)} and {len(b)} rows")
+    fixed = {"both": None, "b2a": 0, "a2b": 1}[direction]
+    device = next(model.parameters()).device
+    model.train()
+    order, pos = torch.randperm(len(a), generator=generator), 0
+    for step in range(start_step, start_step + steps):
+        if pos + batch_size > len(a):
+            order, pos = torch.randperm(len(a), generator=generator), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        d = model.direction_at(step) if fixed is None else fixed          # Algorithm 1, line 4
+        target, cond = (a[idx], b[idx]) if d == 0 else (b[idx], a[idx])
+        loss = model.loss(target.to(device), cond.to(device), d)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.update_ema(step)
+        yield {"step": step + 1, "loss": loss.item(), "direction": d}
+
+
+def make_optimizer(model: DiffGAP, lr: float = 2e-4) -> torch.optim.Optimizer:
+    """Adam on the denoiser's weights (the paper's optimiser and learning rate)."""
+    return torch.optim.Adam(model.net.parameters(), lr=lr)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Metrics: retrieval (DESIGN.md section 4) and generation quality
+# ----------------------------------------------------------------------------------------
+
+def cosine_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (Q, D) x (G, D) -> (Q, G)."""
+    return F.normalize(queries.float(), dim=-1) @ F.normalize(gallery.float(), dim=-1).T
+
+
+def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """R@k, median rank and mAP@10 from a score matrix.
+
+    scores (Q, G), higher is better; ties go to the lower gallery index. relevant is either
+    (Q,) int (the one correct gallery item per query) or (Q, G) bool (several correct items,
+    e.g. an audio's 5 captions: the query hits at k when any of them is in the top k).
+    R@k is the share of queries with a hit in the top k; the median rank is that of each
+    query's best-ranked correct item (1-based); AP@10 = sum_{k<=10} P@k rel_k / min(n_rel, 10),
+    which never exceeds 1.
+    """
+    Q, G = scores.shape
+    if relevant.dtype != torch.bool:
+        relevant = F.one_hot(relevant.long(), G).bool()
+    if relevant.shape != (Q, G):
+        raise ValueError(f"relevant has shape {tuple(relevant.shape)}, scores {(Q, G)}")
+    n_rel = relevant.sum(1)
+    if (n_rel == 0).any():
+        raise ValueError(f"query {int((n_rel == 0).nonzero()[0])} has no relevant gallery item")
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices   # (Q, G)
+    hits = relevant.gather(1, order)                                         # (Q, G) rel at each rank
+    first = hits.float().argmax(1) + 1                                       # rank of best correct item
+    out = {f"R@{k}": (first <= k).float().mean().item() for k in ks}
+    out["median_rank"] = first.float().quantile(0.5).item()
+    top = hits[:, :10].float()
+    precision = top.cumsum(1) / torch.arange(1, top.shape[1] + 1, device=top.device)
+    ap = (precision * top).sum(1) / n_rel.clamp(max=10)
+    out["mAP@10"] = ap.mean().item()
+    return out
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to x (N, D) and y (M, D), in float64.
+
+    |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2), using symmetric
+    eigendecompositions only (no scipy, no non-symmetric matrix square root).
+    """
+    x, y = x.double(), y.double()
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    s_x, s_y = torch.cov(x.T).reshape(x.shape[1], -1), torch.cov(y.T).reshape(y.shape[1], -1)
+    w, V = torch.linalg.eigh(s_x)
+    sqrt_sx = (V * w.clamp(min=0).sqrt()) @ V.T
+    cross = torch.linalg.eigvalsh(sqrt_sx @ s_y @ sqrt_sx).clamp(min=0).sqrt().sum()
+    return ((mu_x - mu_y).pow(2).sum() + s_x.trace() + s_y.trace() - 2 * cross).item()
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: DiffGAP, queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
+                       direction: int, num_samples: int = 16, blend: float = 0.5, **sample_kw):
+    """Retrieval with the three scores of DESIGN.md 4; returns ({score: metrics}, samples (K, Q, D)).
+
+    contrastive = cos(q, g); diffgap = cos(g_hat, g), g_hat the mean of K generated samples
+    (averaging approximates the posterior mean E[g | q], which ranks far better than any one
+    sample); blend = (1 - blend) contrastive + blend diffgap.
+    """
+    samples = torch.stack([model.sample(queries, direction, **sample_kw) for _ in range(num_samples)])
+    contrastive = cosine_scores(queries, gallery)
+    diffgap = cosine_scores(samples.mean(0), gallery)
+    scores = {"contrastive": contrastive, "diffgap": diffgap, "blend": (1 - blend) * contrastive + blend * diffgap}
+    return {name: retrieval_metrics(s, relevant) for name, s in scores.items()}, samples
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Checkpoints: plain dicts of tensors and Python types, written atomically (DESIGN 3.10)
+# ----------------------------------------------------------------------------------------
+
+def save_checkpoint(path: str, model: DiffGAP, **extra) -> None:
+    """Write {"config", "model", **extra} to path via a temp file and os.replace."""
+    state = {"config": asdict(model.config), "model": model.state_dict(), **extra}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: str, map_location="cpu") -> tuple[DiffGAP, dict]:
+    """Rebuild the model from a checkpoint; raises ValueError naming the file if it is unusable."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        model = DiffGAP(DiffGAPConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # truncated zip, wrong keys, wrong shapes: all mean "not usable"
+        raise ValueError(f"{path}: not a usable diffgap checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return model, ckpt

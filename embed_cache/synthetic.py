@@ -1,0 +1,163 @@
+"""Built-in synthetic stand-in for pre-extracted CLAP / CAVP embeddings.
+
+Everything in diffgap runs on this with no data. It is seeded and deterministic, and its
+geometry is tuned to look like a real contrastive space (Liang et al., "Mind the Gap",
+NeurIPS 2022): unit vectors in a narrow cone per modality, the two cones apart (the
+modality gap), true pairs only moderately aligned.
+
+Generative story (all in a hidden "latent" basis; a random orthogonal matrix shared by both
+modalities maps it to the observed coordinates, so no coordinate is special):
+
+1. Semantic content. Each audio item i belongs to one of `classes` classes and carries a
+   shared semantic vector s_i = mu_class + w_i in an r-dim subspace: class centre plus
+   within-class variation, E|s|^2 = 1. For audio-text every audio has 5 captions, and each
+   caption adds its own description noise d_ij (captions describe different aspects).
+2. Imperfect alignment. Each modality sees the semantic content through its own per-dimension
+   salience: audio gets w_A * s, video/text gets w_B * s, with w_A, w_B drawn independently
+   (some concepts are audible but barely visible, and vice versa). A cosine between the raw
+   embeddings weighs dimensions by w_A * w_B; a learned map can re-weight them.
+3. Modality gap. Both modalities share a cone direction (coordinate 0, size `cone`), and sit
+   on opposite sides of a gap direction (coordinate 1, +gap for audio, -gap for B).
+4. Modality-specific nuisance. A few strong directions per modality (recording conditions,
+   visual style) with random coefficients, different for each modality, plus isotropic noise.
+5. Each embedding is L2-normalised, as CLAP and CAVP outputs are.
+
+The difficulty comes only from 2-4, not from an arbitrary rotation between modalities.
+Steps 1-4 are linear-Gaussian given the class, so the generator can also score retrieval
+with its own true parameters (`oracle_scores`): the Gaussian log-likelihood of the query
+given each gallery item, log p(query | gallery item), with the moment-matched covariances.
+That is the Bayes-optimal ranking rule for the Gaussian approximation of this generator and
+serves as the reference ceiling; only the per-item noise and caption variation remain.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import Dataset, Split
+
+
+@dataclass
+class SyntheticConfig:
+    dim: int = 512            # embedding dim of both modalities (CLAP and CAVP are 512)
+    rank: int = 64            # r: dimensions of shared semantic content
+    classes: int = 300        # number of semantic classes
+    class_share: float = 0.6  # share of semantic energy in the class centre (rest: within-class)
+    cone: float = 0.56        # shared cone offset (coordinate 0)
+    gap: float = 0.40         # modality gap: +gap for audio, -gap for video/text (coordinate 1)
+    semantic: float = 0.36    # energy share of the semantic part (semantic, nuisance and noise
+                              # are rescaled together to fill what the cone and gap leave)
+    salience: float = 1.0     # spread of per-dimension salience (0: identical in both modalities)
+    nuisance: float = 0.25    # energy of the modality-specific nuisance directions
+    nuisance_rank: int = 12   # number of nuisance directions per modality
+    noise: float = 0.10       # energy of isotropic per-item noise
+    perception: float = 0.4   # energy of per-modality noise on the semantic content (relative to s)
+    caption_noise: float = 0.3  # audio-text: energy of per-caption description noise (relative to s)
+    captions: int = 5         # audio-text: captions per audio (AudioCaps/Clotho layout)
+    n_train: int = 20000      # audio items per split (audio-text: divided by `captions`)
+    n_val: int = 1000
+    n_test: int = 1000
+    seed: int = 0
+
+
+class SyntheticSpace:
+    """The generator's fixed parameters (drawn once from `seed`) and its sampler."""
+
+    def __init__(self, pair: str, cfg: SyntheticConfig = SyntheticConfig()):
+        if pair not in ("audio-video", "audio-text"):
+            raise ValueError(f"pair must be 'audio-video' or 'audio-text', got {pair!r}")
+        self.pair, self.cfg = pair, cfg
+        D, r = cfg.dim, cfg.rank
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + (pair == "audio-text"))
+        self.g = g
+        self.basis = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+        self.centres = torch.randn(cfg.classes, r, generator=g, dtype=torch.float64) * math.sqrt(cfg.class_share / r)
+        # per-dimension salience, mean square 1: 1 + salience * N(0,1), kept positive
+        sal = lambda: (1 + cfg.salience * torch.randn(r, generator=g, dtype=torch.float64)).abs()
+        self.w = [sal(), sal()]
+        self.w = [w / w.pow(2).mean().sqrt() for w in self.w]
+        # nuisance directions: orthonormal, inside the semantic subspace, so they blur it
+        self.nuis = []
+        for _ in range(2):
+            U = torch.zeros(D, cfg.nuisance_rank, dtype=torch.float64)
+            U[2:2 + r] = torch.randn(r, cfg.nuisance_rank, generator=g, dtype=torch.float64)
+            self.nuis.append(torch.linalg.qr(U)[0])  # (D, q)
+        self.offset = []
+        for sign in (+1, -1):
+            m = torch.zeros(D, dtype=torch.float64)
+            m[0], m[1] = cfg.cone, sign * cfg.gap
+            self.offset.append(m)
+
+    # -- sampling -----------------------------------------------------------------------
+    def _latent(self, m: int, s: torch.Tensor) -> torch.Tensor:
+        """Latent vector of modality m (0 audio, 1 video/text) for semantic content s (n, r)."""
+        cfg, (n, r) = self.cfg, s.shape
+        s = s + torch.randn(n, r, generator=self.g, dtype=torch.float64) * math.sqrt(cfg.perception / r)
+        rest = torch.zeros(n, cfg.dim, dtype=torch.float64)
+        rest[:, 2:2 + r] = math.sqrt(cfg.semantic / (1 + cfg.perception)) * self.w[m] * s
+        coef = torch.randn(n, cfg.nuisance_rank, generator=self.g, dtype=torch.float64)
+        rest += math.sqrt(cfg.nuisance / cfg.nuisance_rank) * coef @ self.nuis[m].T
+        rest[:, 2:] += math.sqrt(cfg.noise / cfg.dim) * torch.randn(n, cfg.dim - 2, generator=self.g, dtype=torch.float64)
+        # The cone/gap part is the same for every item: a varying norm would make items with
+        # a short content part hubs for every query, an artefact rather than the gap itself.
+        return self.offset[m] + self._content_scale() * torch.nn.functional.normalize(rest, dim=-1)
+
+    def _content_scale(self) -> float:
+        return math.sqrt(1 - self.cfg.cone ** 2 - self.cfg.gap ** 2)
+
+    def _observe(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(v @ self.basis.T, dim=-1).float()
+
+    def sample_split(self, n: int) -> Split:
+        cfg, r = self.cfg, self.cfg.rank
+        labels = torch.randint(cfg.classes, (n,), generator=self.g)
+        s = self.centres[labels] + torch.randn(n, r, generator=self.g, dtype=torch.float64) * math.sqrt((1 - cfg.class_share) / r)
+        a = self._observe(self._latent(0, s))
+        k = cfg.captions if self.pair == "audio-text" else 1
+        s_b = s.repeat_interleave(k, 0)
+        if self.pair == "audio-text":
+            s_b = s_b + torch.randn(n * k, r, generator=self.g, dtype=torch.float64) * math.sqrt(cfg.caption_noise / r)
+        b = self._observe(self._latent(1, s_b))
+        return Split(a=a, b=b, b_to_a=torch.arange(n).repeat_interleave(k))
+
+    # -- reference ceiling ----------------------------------------------------------------
+    def _moments(self, m: int):
+        """Mean (D,) and covariance (D, D) of modality m's latent vector, and W_m (D, r)."""
+        cfg, D, r = self.cfg, self.cfg.dim, self.cfg.rank
+        W = torch.zeros(D, r, dtype=torch.float64)
+        W[2:2 + r] = torch.diag(math.sqrt(cfg.semantic / (1 + cfg.perception)) * self.w[m])
+        content = 1.0 + cfg.perception + (cfg.caption_noise if (m == 1 and self.pair == "audio-text") else 0.0)
+        cov = content / r * W @ W.T + cfg.nuisance / cfg.nuisance_rank * self.nuis[m] @ self.nuis[m].T
+        cov += cfg.noise / D * torch.eye(D, dtype=torch.float64)
+        k = self._content_scale() / math.sqrt(cfg.semantic + cfg.nuisance + cfg.noise)  # the normalisation
+        return self.offset[m], k * k * cov, k * W
+
+    def oracle_scores(self, query: torch.Tensor, gallery: torch.Tensor, direction: int) -> torch.Tensor:
+        """log p(query | gallery item) up to a per-query constant, (Q, G), from true parameters.
+
+        direction 0: queries are B (video/text), gallery is audio; direction 1: the reverse.
+        """
+        qm, gm = (1, 0) if direction == 0 else (0, 1)
+        mu_q, cov_q, W_q = self._moments(qm)
+        mu_g, cov_g, W_g = self._moments(gm)
+        r = self.cfg.rank
+        cross = W_q @ W_g.T / r                          # Cov(v_q, v_g), (D, D)
+        M = cross @ torch.linalg.inv(cov_g)              # E[v_q | v_g] = mu_q + M (v_g - mu_g)
+        P = torch.linalg.inv(cov_q - M @ cross.T)        # inverse of Cov(v_q | v_g)
+        q = query.double() @ self.basis                  # back to the latent basis
+        pred = mu_q + (gallery.double() @ self.basis - mu_g) @ M.T  # (G, D)
+        # -(q - pred)^T P (q - pred), dropping the q^T P q term that is constant per query
+        return (2 * q @ P @ pred.T - ((pred @ P) * pred).sum(-1)).float()
+
+
+def synthetic_dataset(pair: str, seed: int = 0, **overrides) -> Dataset:
+    """The default data: train/val/test splits drawn from one `SyntheticSpace`."""
+    cfg = SyntheticConfig(seed=seed, **overrides)
+    space = SyntheticSpace(pair, cfg)
+    # audio-text: as many training pairs as audio-video (5 captions per audio), same eval sizes
+    n_train = cfg.n_train // (cfg.captions if pair == "audio-text" else 1)
+    splits = {name: space.sample_split(n) for name, n in
+              (("train", n_train), ("val", cfg.n_val), ("test", cfg.n_test))}
+    return Dataset(pair=pair, spec=f"synthetic:seed={seed}", splits=splits, oracle=space.oracle_scores)

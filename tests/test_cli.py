@@ -1,0 +1,118 @@
+"""train.py and sample.py end to end, through their command lines, on tiny synthetic data."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "synthetic:n_train=256,n_val=20,n_test=40"
+
+
+def run(script, *args, cwd, check=True):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
+                         capture_output=True, text=True, timeout=300)
+    if check:
+        assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cli")
+    out = run("train.py", "--pair", "audio-video", "--data", TINY, "--epochs", "2", "--switch-every", "3",
+              "--num-samples", "2", cwd=cwd)
+    return cwd, out
+
+
+def test_train_writes_checkpoint_and_prints_table(trained):
+    cwd, out = trained
+    ckpt = torch.load(cwd / "runs" / "audio-video" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["data"] == TINY and ckpt["pair"] == "audio-video"
+    assert ckpt["config"]["switch_every"] == 3 and "optimizer" in ckpt and "rng" in ckpt
+    assert "parameters" in out.stdout
+    for row in ("B->A      contrastive", "B->A      diffgap", "A->B      contrastive", "A->B      diffgap"):
+        assert row in out.stdout
+
+
+def test_resume_continues_from_the_saved_step(trained, tmp_path):
+    cwd, _ = trained
+    run("train.py", "--pair", "audio-video", "--out", str(tmp_path), "--data", TINY, "--epochs", "1",
+        "--switch-every", "3", "--num-samples", "1", cwd=cwd)
+    run("train.py", "--pair", "audio-video", "--out", str(tmp_path), "--resume", "--epochs", "3", "--num-samples", "1", cwd=cwd)
+    ckpt = torch.load(tmp_path / "audio-video" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 12 and ckpt["config"]["switch_every"] == 3
+
+
+def test_sample_finds_the_checkpoint_and_reports_both_directions(trained):
+    cwd, _ = trained
+    out = run("sample.py", "--steps", "5", "--num-samples", "2", cwd=cwd).stdout
+    for row in ("B->A      diffgap", "B->A      blend", "A->B      contrastive", "A->B      oracle"):
+        assert row in out
+    assert "samples/s" in out and "FD" in out
+
+
+def test_sample_generates_for_given_conditions(trained):
+    cwd, _ = trained
+    cond = np.random.default_rng(0).normal(size=(7, 512)).astype(np.float32)
+    np.save(cwd / "cond.npy", cond)
+    run("sample.py", "--direction", "b2a", "--cond", "cond.npy", "--out", "gen.npy", "--num-samples", "2", cwd=cwd)
+    gen = np.load(cwd / "gen.npy")
+    assert gen.shape == (7, 512) and np.allclose(np.linalg.norm(gen, axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["wrong_dim", "nan"])
+def test_bad_condition_file_writes_nothing(trained, case):
+    cwd, _ = trained
+    cond = np.random.default_rng(0).normal(size=(4, 100 if case == "wrong_dim" else 512)).astype(np.float32)
+    if case == "nan":
+        cond[2, 5] = np.nan
+    np.save(cwd / f"{case}.npy", cond)
+    res = run("sample.py", "--direction", "b2a", "--cond", f"{case}.npy", "--out", f"{case}_out.npy", cwd=cwd, check=False)
+    assert res.returncode == 2
+    msg = res.stderr.strip()
+    assert msg.count("\n") == 0 and f"{case}.npy" in msg
+    assert ("dim 100" in msg) if case == "wrong_dim" else ("row 2" in msg)
+    assert not (cwd / f"{case}_out.npy").exists()
+
+
+def test_sample_without_checkpoint_says_train_first(tmp_path):
+    res = run("sample.py", "--steps", "5", cwd=tmp_path, check=False)
+    assert res.returncode == 2 and "train.py" in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    res = run("sample.py", "--ckpt", "bad.pt", cwd=tmp_path, check=False)
+    assert res.returncode == 2 and "bad.pt" in res.stderr and "checkpoint" in res.stderr
+
+
+def test_bad_data_stops_training_before_anything_is_written(tmp_path):
+    res = run("train.py", "--data", "missing.npz", cwd=tmp_path, check=False)
+    assert res.returncode == 2 and "missing.npz: no such file" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_audio_text_end_to_end(tmp_path):
+    run("train.py", "--pair", "audio-text", "--data", TINY, "--epochs", "1", "--num-samples", "1", cwd=tmp_path)
+    out = run("sample.py", "--steps", "5", "--num-samples", "1", cwd=tmp_path).stdout
+    assert "audio-text" in out and "A->B      diffgap" in out
+
+
+def test_ctrl_c_saves_before_exiting(tmp_path):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", TINY, "--epochs", "100000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "runs" / "audio-video" / "ckpt.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted at step" in out
+    step = int(out.split("interrupted at step ")[1].split(";")[0])
+    assert torch.load(ckpt, weights_only=True)["step"] == step

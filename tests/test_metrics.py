@@ -1,0 +1,78 @@
+"""Retrieval metrics on hand-worked cases, and the Frechet distance against closed forms."""
+import numpy as np
+import pytest
+import torch
+
+import diffgap as dg
+
+
+def test_single_relevant_item():
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.3],    # correct 0 -> rank 1
+                           [0.9, 0.1, 0.5, 0.3],    # correct 2 -> rank 2
+                           [0.2, 0.8, 0.6, 0.7]])   # correct 0 -> rank 4
+    m = dg.retrieval_metrics(scores, torch.tensor([0, 2, 0]), ks=(1, 2, 5))
+    assert m["R@1"] == pytest.approx(1 / 3)
+    assert m["R@2"] == pytest.approx(2 / 3)
+    assert m["R@5"] == pytest.approx(1.0)
+    assert m["median_rank"] == 2.0
+    assert m["mAP@10"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
+
+
+def test_several_relevant_items_per_query():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5],
+                           [0.1, 0.2, 0.3, 0.4, 0.5]])
+    rel = torch.tensor([[False, True, False, True, False],   # hits at ranks 2 and 4
+                        [True, False, False, False, False]])  # hit at rank 5
+    m = dg.retrieval_metrics(scores, rel, ks=(1, 2, 5))
+    assert m["R@1"] == 0.0 and m["R@2"] == 0.5 and m["R@5"] == 1.0
+    assert m["median_rank"] == pytest.approx(3.5)  # mean of the two middle ranks, 2 and 5
+    ap0 = (1 / 2 + 2 / 4) / 2                       # precision at each hit over min(n_rel, 10)
+    ap1 = (1 / 5) / 1
+    assert m["mAP@10"] == pytest.approx((ap0 + ap1) / 2)
+
+
+def test_map_at_10_never_exceeds_one():
+    torch.manual_seed(0)
+    scores = torch.randn(20, 30)
+    rel = torch.zeros(20, 30, dtype=torch.bool)
+    rel[:, :15] = True   # 15 relevant items, more than 10
+    scores[:, :15] += 10  # all ranked first
+    m = dg.retrieval_metrics(scores, rel)
+    assert m["mAP@10"] == pytest.approx(1.0)
+
+
+def test_ties_go_to_the_lower_gallery_index():
+    scores = torch.tensor([[0.5, 0.5, 0.5]])
+    assert dg.retrieval_metrics(scores, torch.tensor([0]))["R@1"] == 1.0
+    assert dg.retrieval_metrics(scores, torch.tensor([2]), ks=(1, 2, 3))["R@2"] == 0.0
+
+
+def test_bad_relevance_is_refused():
+    with pytest.raises(ValueError, match="no relevant"):
+        dg.retrieval_metrics(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shape"):
+        dg.retrieval_metrics(torch.randn(2, 3), torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_frechet_distance_closed_forms():
+    torch.manual_seed(0)
+    x = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    assert dg.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    # y = 2x + 1: S_y = 4 S_x commutes with S_x, so FD = |mu_x - mu_y|^2 + tr(S_x)
+    y = 2 * x + 1
+    xn = x.numpy()
+    expected = np.sum((xn.mean(0) - (2 * xn + 1).mean(0)) ** 2) + np.trace(np.cov(xn.T))
+    assert dg.frechet_distance(x, y) == pytest.approx(expected, rel=1e-8)
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+    u, v = torch.randn(1000, 1, dtype=torch.float64), 3 * torch.randn(1000, 1, dtype=torch.float64) + 2
+    s1, s2 = np.std(u.numpy(), ddof=1), np.std(v.numpy(), ddof=1)
+    expected = (u.mean() - v.mean()).item() ** 2 + (s1 - s2) ** 2
+    assert dg.frechet_distance(u, v) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_is_symmetric_for_non_commuting_covariances():
+    torch.manual_seed(1)
+    x = torch.randn(400, 5) @ torch.randn(5, 5)
+    y = torch.randn(400, 5) @ torch.randn(5, 5) + 0.5
+    assert dg.frechet_distance(x, y) == pytest.approx(dg.frechet_distance(y, x), rel=1e-6)
+    assert dg.frechet_distance(x, y) > 0

@@ -1,0 +1,111 @@
+"""The model: scaling into diffusion space, shapes, parameter budget, checkpoints, standalone use."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import diffgap as dg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_default_parameter_count_matches_the_paper():
+    n = dg.DiffGAP(dg.DiffGAPConfig()).num_params()
+    assert abs(n - 1.35e6) / 1.35e6 < 0.15   # the paper's ~5.4 MB of fp32 parameters
+
+
+def test_embedding_scaling_round_trip_and_unit_variance():
+    torch.manual_seed(0)
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=32, dim_b=32, ema_decay=0))
+    e = torch.nn.functional.normalize(torch.randn(4000, 32) + 1.5, dim=-1)
+    before = e.clone()
+    model.fit_stats(e, e)
+    x = model.to_diffusion(e, 0)
+    assert torch.equal(e, before)                               # never in place
+    assert x.var(0).mean().item() == pytest.approx(1.0, rel=0.02)
+    assert x.mean(0).abs().max().item() < 0.05
+    assert torch.allclose(model.from_diffusion(x, 0), e, atol=1e-5)
+    # without centring it is the plain sqrt(D) scaling of DESIGN 3.3
+    plain = dg.DiffGAP(dg.DiffGAPConfig(dim_a=32, dim_b=32, center=False))
+    plain.fit_stats(e, e)
+    assert torch.allclose(plain.to_diffusion(e, 0), e * 32 ** 0.5, atol=1e-5)
+
+
+def test_adapters_when_dims_differ():
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=16, dim_b=24, hidden=32, inner=16, depth=1))
+    assert len(model.net.x_in) == 2
+    loss = model.loss(torch.randn(5, 16), torch.randn(5, 24), 0) + model.loss(torch.randn(5, 24), torch.randn(5, 16), 1)
+    loss.backward()
+    assert torch.isfinite(loss)
+    shared = dg.DiffGAP(dg.DiffGAPConfig(dim_a=16, dim_b=16, hidden=32, inner=16, depth=1))
+    assert len(shared.net.x_in) == 1
+
+
+def test_direction_embedding_can_be_switched_off():
+    on = dg.DiffGAP(dg.DiffGAPConfig(hidden=32, inner=16, depth=1, dim_a=8, dim_b=8))
+    off = dg.DiffGAP(dg.DiffGAPConfig(hidden=32, inner=16, depth=1, dim_a=8, dim_b=8, direction_embedding=False))
+    assert on.net.dir_emb is not None and off.net.dir_emb is None
+    assert on.num_params() - off.num_params() == 2 * 16
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    torch.manual_seed(0)
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, depth=1, objective="x0"))
+    model.fit_stats(torch.randn(20, 8) + 1, torch.randn(20, 8))
+    opt = dg.make_optimizer(model)
+    for _ in dg.train_steps(model, torch.randn(16, 8), torch.randn(16, 8), opt, 3, 4):
+        pass
+    path = str(tmp_path / "ckpt.pt")
+    dg.save_checkpoint(path, model, optimizer=opt.state_dict(), step=3, data="synthetic",
+                       rng={"torch": torch.get_rng_state()})
+    raw = torch.load(path, weights_only=True)
+    assert raw["step"] == 3 and raw["config"]["objective"] == "x0"
+    loaded, ckpt = dg.load_checkpoint(path)
+    cond = torch.randn(4, 8)
+    same = [m.sample(cond, 1, steps=5, generator=torch.Generator().manual_seed(0)) for m in (model, loaded)]
+    assert torch.equal(same[0], same[1])
+    assert not os.path.exists(path + ".tmp")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
+def test_bad_checkpoint_is_reported(tmp_path, damage):
+    path = str(tmp_path / "ckpt.pt")
+    dg.save_checkpoint(path, dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, depth=1)))
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif damage == "garbage":
+        torch.save({"config": {"dim_a": 8}, "model": {"nope": torch.zeros(1)}}, path)
+    else:
+        os.remove(path)
+    err = FileNotFoundError if damage == "missing" else ValueError
+    with pytest.raises(err, match=r"ckpt\.pt"):
+        dg.load_checkpoint(path)
+
+
+def test_diffgap_py_works_alone(tmp_path):
+    """Copied alone, with numpy, tqdm and the project's packages unimportable, it still trains."""
+    shutil.copy(os.path.join(ROOT, "diffgap.py"), tmp_path)
+    script = textwrap.dedent("""
+        import sys
+        BLOCKED = {"numpy", "tqdm", "embed_cache", "kernels", "triton", "soundfile", "scipy"}
+        for name in BLOCKED:
+            sys.modules[name] = None  # "import name" now raises ModuleNotFoundError
+        import torch, diffgap
+        for name in BLOCKED:
+            assert sys.modules[name] is None, name
+        cfg = diffgap.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, depth=1)
+        model = diffgap.DiffGAP(cfg)
+        a, b = torch.randn(16, 8), torch.randn(16, 8)
+        stats = list(diffgap.train_steps(model, a, b, diffgap.make_optimizer(model), 1, 8))
+        out = model.sample(b[:3], 0, steps=5)
+        print("ok", stats[0]["step"], tuple(out.shape))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("ok 1 (3, 8)")

@@ -1,0 +1,52 @@
+"""The synthetic default must look like a real contrastive space (Liang et al. 2022) and leave headroom."""
+import pytest
+import torch
+
+import diffgap as dg
+from embed_cache import synthetic_dataset
+
+
+@pytest.fixture(scope="module", params=["audio-video", "audio-text"])
+def data(request):
+    return synthetic_dataset(request.param, n_train=2000)
+
+
+def test_deterministic():
+    x = synthetic_dataset("audio-video", n_train=50, n_val=5, n_test=5)
+    y = synthetic_dataset("audio-video", n_train=50, n_val=5, n_test=5)
+    z = synthetic_dataset("audio-video", seed=1, n_train=50, n_val=5, n_test=5)
+    assert torch.equal(x.splits["test"].b, y.splits["test"].b)
+    assert not torch.allclose(x.splits["test"].b, z.splits["test"].b)
+
+
+def test_layout(data):
+    test = data.splits["test"]
+    k = 5 if data.pair == "audio-text" else 1
+    assert test.a.shape == (1000, 512) and test.b.shape == (1000 * k, 512)
+    assert torch.equal(test.b_to_a, torch.arange(1000).repeat_interleave(k))
+    assert torch.allclose(test.a.norm(dim=1), torch.ones(1000), atol=1e-5)
+
+
+def test_geometry_matches_real_contrastive_spaces(data):
+    test = data.splits["test"]
+    a, b = test.a, test.b
+    pair_cos = (a[test.b_to_a] * b).sum(1).mean().item()
+    cross = a @ b.T
+    owner = test.b_to_a[None, :] == torch.arange(len(a))[:, None]
+    non_pair = cross[~owner].mean().item()
+    within = [(x @ x.T).sum().sub(len(x)).item() / (len(x) * (len(x) - 1)) for x in (a, b)]
+    gap = (a.mean(0) - b.mean(0)).norm().item()
+    assert 0.25 <= pair_cos <= 0.45
+    assert 0.0 < non_pair < pair_cos - 0.08
+    assert 0.6 <= gap <= 1.0
+    assert all(0.3 <= w <= 0.8 for w in within)
+
+
+def test_contrastive_baseline_is_far_from_perfect_with_headroom(data):
+    test = data.splits["test"]
+    for d in (0, 1):
+        q, g, rel = test.retrieval(d)
+        r1 = dg.retrieval_metrics(dg.cosine_scores(q, g), rel)["R@1"]
+        ceiling = dg.retrieval_metrics(data.oracle(q, g, d), rel)["R@1"]
+        assert 0.05 <= r1 <= 0.40
+        assert ceiling > r1 + 0.3
