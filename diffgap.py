@@ -110,19 +110,28 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-KERNELS = "auto"  # "auto": Triton on CUDA tensors when available, else torch; "torch"; "triton"
+KERNELS = "auto"  # "auto": Triton kernels for CUDA tensors, torch otherwise; "torch"; "triton" (any tensor)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the kernels package handles tensor x under the current KERNELS setting."""
+    if KERNELS not in ("auto", "torch", "triton"):
+        raise ValueError(f"KERNELS must be 'auto', 'torch' or 'triton', got {KERNELS!r}")
+    if _kernels is None:
+        if KERNELS == "triton":
+            raise RuntimeError("kernels 'triton' asked for, but the kernels package (or triton) cannot be imported")
+        return False
+    return KERNELS == "triton" or (KERNELS == "auto" and x.is_cuda)
 
 
 def hidden_step(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     """The denoiser's hidden step silu(h @ W^T + b + temb): h (B, H), W (I, H), temb (B, I) -> (B, I).
 
-    The time embedding enters every block here, before the activation; this is the step that
-    kernels/ fuses into one Triton launch (matmul, bias, temb and SiLU in one epilogue).
+    The time embedding enters every block here, before the activation; kernels/ fuses the
+    matmul, bias, temb and SiLU into one Triton launch (forward and backward).
     """
-    if _kernels is not None and hasattr(_kernels, "fused_linear_temb_silu"):
-        use = KERNELS == "triton" or (KERNELS == "auto" and h.is_cuda)
-        if use:
-            return _kernels.fused_linear_temb_silu(h, weight, bias, temb)
+    if use_triton(h):
+        return _kernels.fused_linear_temb_silu(h, weight, bias, temb)
     return F.silu(F.linear(h, weight, bias) + temb)
 
 
@@ -404,6 +413,54 @@ def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10
     return out
 
 
+@torch.no_grad()
+def retrieval_metrics_from_embeddings(queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
+                                      ks=(1, 5, 10), chunk: int = 8192) -> dict[str, float]:
+    """retrieval_metrics(cosine_scores(queries, gallery), relevant) without the (Q, G) score matrix.
+
+    Each query's rank is counted chunk by chunk over the gallery (1 + the items that beat its
+    best correct item, ties going to the lower index); the top-10 lists for mAP@10 come from
+    kernels.cosine_topk (a Triton kernel on CUDA, a chunked torch path otherwise) when the
+    kernels package is present. relevant (Q,) int or (Q, G) bool, as in retrieval_metrics.
+    """
+    Q, G = queries.shape[0], gallery.shape[0]
+    q = F.normalize(queries.float(), dim=-1)
+    def chunks():  # normalised gallery chunks; recomputed per pass rather than copying the gallery
+        for start in range(0, G, chunk):
+            yield start, F.normalize(gallery[start:start + chunk].float(), dim=-1)
+
+    # each query's best-scoring correct item (lowest index among ties), from the same matmuls
+    # as the counting below, so that an item never outranks itself by a rounding difference
+    best_s = torch.full((Q,), float("-inf"), device=q.device)
+    best_i = torch.zeros(Q, dtype=torch.long, device=q.device)
+    for start, g in chunks():
+        idx = torch.arange(start, start + len(g), device=q.device)
+        rel = relevant[:, start:start + len(g)] if relevant.dtype == torch.bool else relevant[:, None] == idx
+        v, i = torch.where(rel, q @ g.T, float("-inf")).max(1)
+        take = v > best_s
+        best_s, best_i = torch.where(take, v, best_s), torch.where(take, i + start, best_i)
+    if torch.isinf(best_s).any():
+        raise ValueError(f"query {int(torch.isinf(best_s).nonzero()[0])} has no relevant gallery item")
+    first = torch.ones(Q, dtype=torch.long, device=q.device)
+    for start, g in chunks():
+        s = q @ g.T                                                                  # (Q, chunk)
+        idx = torch.arange(start, start + s.shape[1], device=s.device)
+        first += ((s > best_s[:, None]) | ((s == best_s[:, None]) & (idx < best_i[:, None]))).sum(1)
+    out = {f"R@{k}": (first <= k).float().mean().item() for k in ks}
+    out["median_rank"] = first.float().quantile(0.5).item()
+    if relevant.dtype != torch.bool:  # one correct item: AP@10 is 1/rank inside the top 10
+        out["mAP@10"] = torch.where(first <= 10, 1.0 / first.float(), torch.zeros(Q, device=q.device)).mean().item()
+        return out
+    if _kernels is not None:
+        top = _kernels.cosine_topk(queries, gallery, min(10, G), backend="triton" if use_triton(queries) else "torch")[1]
+    else:
+        top = torch.sort(cosine_scores(queries, gallery), dim=1, descending=True, stable=True).indices[:, :10]
+    hits = relevant.gather(1, top).float()
+    precision = hits.cumsum(1) / torch.arange(1, hits.shape[1] + 1, device=hits.device)
+    out["mAP@10"] = ((precision * hits).sum(1) / relevant.sum(1).clamp(max=10)).mean().item()
+    return out
+
+
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to x (N, D) and y (M, D), in float64.
 
@@ -429,10 +486,10 @@ def evaluate_retrieval(model: DiffGAP, queries: torch.Tensor, gallery: torch.Ten
     sample); blend = (1 - blend) contrastive + blend diffgap.
     """
     samples = torch.stack([model.sample(queries, direction, **sample_kw) for _ in range(num_samples)])
-    contrastive = cosine_scores(queries, gallery)
-    diffgap = cosine_scores(samples.mean(0), gallery)
-    scores = {"contrastive": contrastive, "diffgap": diffgap, "blend": (1 - blend) * contrastive + blend * diffgap}
-    return {name: retrieval_metrics(s, relevant) for name, s in scores.items()}, samples
+    q, g_hat = F.normalize(queries.float(), dim=-1), F.normalize(samples.mean(0), dim=-1)
+    # blend: (1 - l) cos(q, g) + l cos(g_hat, g) ranks like the cosine of the query (1 - l) q + l g_hat
+    queries_by_score = {"contrastive": q, "diffgap": g_hat, "blend": (1 - blend) * q + blend * g_hat}
+    return {name: retrieval_metrics_from_embeddings(x, gallery, relevant) for name, x in queries_by_score.items()}, samples
 
 
 # ----------------------------------------------------------------------------------------

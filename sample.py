@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--cond", help="FILE.npy of condition embeddings (N, D) to generate for (needs --out)")
     p.add_argument("--out", help="FILE.npy to write the generated embeddings to")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU runs the interpreter (slow)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -78,6 +80,7 @@ def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
+    dg.KERNELS = args.kernels
     torch.manual_seed(args.seed)
     path = find_checkpoint(args.ckpt)
     model, ckpt = dg.load_checkpoint(path)

@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (default: OUT/<pair>/ckpt.pt)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU runs the interpreter (slow)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -68,6 +70,7 @@ def retrieval_table(results: dict, title: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
+    dg.KERNELS = args.kernels
     torch.manual_seed(args.seed)
     ckpt_path = os.path.join(args.out, args.pair, "ckpt.pt")
 
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
                            rng={"torch": torch.get_rng_state(), "batches": generator.get_state()})
 
     step = start_step
-    bar = tqdm(total=total, initial=start_step, unit="it", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, initial=start_step, unit="it", mininterval=0.5)
     try:
         for stats in dg.train_steps(model, a, b, optimizer, total - start_step, args.batch_size,
                                     start_step=start_step, direction=args.direction, generator=generator):

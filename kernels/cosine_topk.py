@@ -1,0 +1,145 @@
+"""Batched cosine similarity with a streaming top-k: never materialises the (M, N) scores.
+
+    cosine_topk(queries (M, D), gallery (N, D), k) -> values (M, k), indices (M, k)
+
+Values are cosines in descending order; ties go to the lower gallery index; a zero vector has
+cosine 0 with everything (not NaN). Two implementations with the same contract:
+
+- Triton (CUDA): each program owns BLOCK_M queries and one slice of the gallery. For each
+  gallery tile it computes the scores (tl.dot, inverse norms applied in the epilogue) and
+  merges them into a running per-row top-k: up to k times, take each row's best remaining
+  tile score (value, then lowest index) and, where it beats the row's current worst kept
+  entry, put it in that entry's place. Each slice writes its k candidates; a second stage
+  merges slices with a stable sort in torch.
+- Chunked torch (CPU, and the reference): the same running top-k over gallery chunks sized
+  so that one chunk's scores stay under a memory budget.
+
+Memory: the full score matrix of a 1,000 x 1,000,000 problem is 4 GB in fp32; both paths keep
+O(M * (chunk + k)) instead.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+
+def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """1 / |x| per row, with 0 for zero rows so that their cosines are 0, not NaN."""
+    n = x.float().norm(dim=1)
+    return torch.where(n > 0, 1.0 / n.clamp(min=1e-30), torch.zeros_like(n))
+
+
+def _merge(vals: torch.Tensor, idx: torch.Tensor, k: int):
+    """Keep the k best of each row by (value descending, index ascending)."""
+    order = torch.sort(idx, dim=1, stable=True).indices          # index ascending first ...
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]  # ... then value
+    return vals.gather(1, order), idx.gather(1, order)
+
+
+def cosine_topk_torch(queries: torch.Tensor, gallery: torch.Tensor, k: int, budget_bytes: int = 64 << 20):
+    """The chunked torch path: running top-k over gallery chunks of at most budget_bytes of scores."""
+    M, N = queries.shape[0], gallery.shape[0]
+    k = min(k, N)
+    q = queries.float() * _inverse_norms(queries)[:, None]
+    chunk = max(k, budget_bytes // (4 * max(M, 1)))
+    best_v = torch.full((M, 0), float("-inf"), device=queries.device)
+    best_i = torch.zeros((M, 0), dtype=torch.long, device=queries.device)
+    for start in range(0, N, chunk):
+        g = gallery[start:start + chunk]
+        s = q @ (g.float() * _inverse_norms(g)[:, None]).T                 # (M, chunk)
+        v, i = _merge(s, torch.arange(start, start + len(g), device=s.device).expand(M, -1), k)
+        best_v, best_i = _merge(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k)
+    return best_v, best_i
+
+
+@triton.jit
+def _cosine_topk_kernel(q_ptr, g_ptr, qinv_ptr, ginv_ptr, out_v_ptr, out_i_ptr, M, N, D, slice_len,
+                        stride_qm, stride_qd, stride_gn, stride_gd,
+                        K: tl.constexpr, KP: tl.constexpr, DOT_FP32: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.arange(0, KP)
+    # running top-k per row; empty slots hold -inf and distinct indices past the gallery
+    best_v = tl.full((BLOCK_M, KP), float("-inf"), tl.float32)
+    best_i = tl.zeros((BLOCK_M, KP), tl.int32) + N + slot[None, :]
+    if KP > K:  # padding slots are never candidates for replacement: pin them at +inf
+        best_v = tl.where(slot[None, :] < K, best_v, float("inf"))
+    qinv = tl.load(qinv_ptr + rm, mask=rm < M, other=0.0)
+    start = pid_s * slice_len
+    for n0 in range(start, start + slice_len, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            q = tl.load(q_ptr + rm[:, None] * stride_qm + rd[None, :] * stride_qd,
+                        mask=(rm[:, None] < M) & (rd[None, :] < D), other=0.0)
+            g = tl.load(g_ptr + rn[None, :] * stride_gn + rd[:, None] * stride_gd,
+                        mask=(rn[None, :] < N) & (rd[:, None] < D), other=0.0)
+            if DOT_FP32:
+                q, g = q.to(tl.float32), g.to(tl.float32)
+            acc += tl.dot(q, g)
+        ginv = tl.load(ginv_ptr + rn, mask=rn < N, other=0.0)
+        s = acc * qinv[:, None] * ginv[None, :]
+        s = tl.where((rn[None, :] < N) & (rn[None, :] < start + slice_len), s, float("-inf"))
+        for _ in range(K):
+            # this tile's best remaining score per row, lowest index among equal scores
+            top_v = tl.max(s, axis=1)
+            top_i = tl.min(tl.where(s == top_v[:, None], rn[None, :], 2147483647), axis=1)
+            # the row's worst kept entry: lowest value, highest index among equal values
+            worst_v = tl.min(best_v, axis=1)
+            worst_i = tl.max(tl.where(best_v == worst_v[:, None], best_i, -1), axis=1)
+            better = (top_v > worst_v) | ((top_v == worst_v) & (top_i < worst_i))
+            replace = (best_v == worst_v[:, None]) & (best_i == worst_i[:, None]) & better[:, None]
+            best_v = tl.where(replace, top_v[:, None], best_v)
+            best_i = tl.where(replace, top_i[:, None], best_i)
+            s = tl.where(rn[None, :] == top_i[:, None], float("-inf"), s)
+    n_slices = tl.num_programs(1)
+    offs = (rm[:, None] * n_slices + pid_s) * K + slot[None, :]
+    keep = (rm[:, None] < M) & (slot[None, :] < K)
+    tl.store(out_v_ptr + offs, best_v, mask=keep)
+    tl.store(out_i_ptr + offs, best_i, mask=keep)
+
+
+def cosine_topk_triton(queries: torch.Tensor, gallery: torch.Tensor, k: int, slice_len: int | None = None):
+    M, D = queries.shape
+    N = gallery.shape[0]
+    k = min(k, N)
+    BM, BN, BD = (32, 128, 128) if INTERPRET else (64, 64, 64)
+    BM = min(BM, max(16, triton.next_power_of_2(M)))
+    BD = min(BD, max(16, triton.next_power_of_2(D)))
+    if slice_len is None:  # enough slices to fill the GPU, each a whole number of tiles
+        slice_len = BN * max(1, triton.cdiv(triton.cdiv(N, BN), max(1, 512 // triton.cdiv(M, BM))))
+    slice_len = triton.cdiv(slice_len, BN) * BN
+    n_slices = triton.cdiv(N, slice_len)
+    out_v = torch.empty(M, n_slices, k, device=queries.device, dtype=torch.float32)
+    out_i = torch.empty(M, n_slices, k, device=queries.device, dtype=torch.int32)
+    _cosine_topk_kernel[(triton.cdiv(M, BM), n_slices)](
+        queries, gallery, _inverse_norms(queries), _inverse_norms(gallery), out_v, out_i, M, N, D, slice_len,
+        queries.stride(0), queries.stride(1), gallery.stride(0), gallery.stride(1),
+        K=k, KP=triton.next_power_of_2(k), DOT_FP32=INTERPRET or queries.dtype == torch.float32,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+    return _merge(out_v.reshape(M, -1), out_i.reshape(M, -1).long(), k)
+
+
+def cosine_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, backend: str = "auto"):
+    """Top-k cosine matches of each query in the gallery: values (M, k) fp32, indices (M, k) int64.
+
+    backend "auto" uses Triton for CUDA tensors and the chunked torch path otherwise.
+    """
+    if queries.dim() != 2 or gallery.dim() != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"cosine_topk: queries {tuple(queries.shape)} and gallery {tuple(gallery.shape)} do not fit")
+    if k < 1:
+        raise ValueError(f"cosine_topk: k must be at least 1, got {k}")
+    use_triton = backend == "triton" or (backend == "auto" and queries.is_cuda)
+    return cosine_topk_triton(queries, gallery, k) if use_triton else cosine_topk_torch(queries, gallery, k)
+
+
+def cosine_topk_reference(queries: torch.Tensor, gallery: torch.Tensor, k: int):
+    """Full score matrix, then a (value, index) sort: the reference the tests compare against."""
+    s = (queries.float() * _inverse_norms(queries)[:, None]) @ (gallery.float() * _inverse_norms(gallery)[:, None]).T
+    return _merge(s, torch.arange(gallery.shape[0], device=s.device).expand_as(s), min(k, gallery.shape[0]))

@@ -1,0 +1,154 @@
+"""Fused linear + bias + time embedding + SiLU: the denoiser's hidden step in one launch.
+
+    y = silu(x @ W^T + b + temb)        x (B, K), W (N, K) as nn.Linear stores it, b (N,),
+                                        temb (B, N) per row or (N,) broadcast -> y (B, N)
+
+Unfused, torch runs a matmul (addmm with the bias), an add for temb and a SiLU: three
+launches, and the (B, N) intermediate is written and read back twice. Here the matmul
+accumulates in fp32 and the epilogue adds b and temb and applies SiLU before the one store.
+When gradients are needed the kernel also stores the pre-activation z, which the backward
+needs for silu'(z).
+
+Backward: one kernel computes dz = dy * silu'(z) and, per block of rows, the column sums of
+dz (written to a (row_blocks, N) buffer and summed by torch afterwards: deterministic, no
+float atomics); those sums are db, and dtemb when temb was broadcast. dW = dz^T x and
+dx = dz W are left to torch's matmuls, which are already as fast as it gets.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+
+@triton.jit
+def _fused_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, y_ptr, z_ptr, M, N, K,
+                      stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tn, stride_ym, stride_yn,
+                      TEMB_ROWS: tl.constexpr, STORE_Z: tl.constexpr, CAST_TILES: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        # W^T tile (BLOCK_K, BLOCK_N), read straight from nn.Linear's (N, K) layout
+        w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                    mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
+        if CAST_TILES:  # the interpreter's bf16 dot is wrong; fp32 tiles are exact there
+            x, w = x.to(ACC), w.to(ACC)
+        acc += tl.dot(x, w)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    z = acc + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(ACC)[None, :]
+    if TEMB_ROWS:
+        z += tl.load(t_ptr + rm[:, None] * stride_tm + rn[None, :] * stride_tn, mask=mask, other=0.0).to(ACC)
+    else:
+        z += tl.load(t_ptr + rn * stride_tn, mask=rn < N, other=0.0).to(ACC)[None, :]
+    y = z * tl.sigmoid(z)
+    offs = rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if STORE_Z:
+        tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fused_bwd_kernel(dy_ptr, z_ptr, dz_ptr, part_ptr, M, N, stride_m, stride_n,
+                      ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    offs = rm[:, None] * stride_m + rn[None, :] * stride_n
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
+    s = tl.sigmoid(z)
+    dz = dy * s * (1 + z * (1 - s))            # d/dz [z sigmoid(z)]
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(part_ptr + pid_m * N + rn, tl.sum(dz, axis=0), mask=rn < N)  # this row block's column sums
+
+
+def _acc(dtype: torch.dtype):
+    """Accumulate in fp32, or in fp64 for fp64 inputs (gradcheck)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _blocks(M: int, N: int, K: int):
+    """Tile sizes: big tiles under the interpreter (its cost is per program and loop step)."""
+    if INTERPRET:
+        bm, bn, bk = 64, 128, 128
+    else:
+        bm, bn, bk = 64, 64, 32
+    return (min(bm, triton.next_power_of_2(M)), min(bn, triton.next_power_of_2(N)),
+            max(16, min(bk, triton.next_power_of_2(K))))
+
+
+def fused_forward(x, weight, bias, temb, store_z: bool):
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    z = torch.empty_like(y) if store_z else y  # z_ptr is never written when store_z is False
+    rows = temb.dim() == 2
+    BM, BN, BK = _blocks(M, N, K)
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    _fused_fwd_kernel[grid](x, weight, bias, temb, y, z, M, N, K,
+                            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                            temb.stride(0) if rows else 0, temb.stride(-1), y.stride(0), y.stride(1),
+                            TEMB_ROWS=rows, STORE_Z=store_z, CAST_TILES=INTERPRET or x.dtype == torch.float32,
+                            ACC=_acc(x.dtype),
+                            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    return y, (z if store_z else None)
+
+
+def fused_backward_dz(dy, z):
+    """dz = dy * silu'(z) (M, N) and its column sums (N,) in fp32 (fp64 for fp64 inputs)."""
+    M, N = z.shape
+    dy = dy.contiguous()
+    dz = torch.empty_like(z)
+    BM, BN = (64, 128) if INTERPRET else (64, 64)
+    BM, BN = min(BM, triton.next_power_of_2(M)), min(BN, triton.next_power_of_2(N))
+    part = torch.empty(triton.cdiv(M, BM), N, device=z.device, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
+    _fused_bwd_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](dy, z, dz, part, M, N, z.stride(0), z.stride(1),
+                                                               ACC=_acc(z.dtype), BLOCK_M=BM, BLOCK_N=BN)
+    return dz, part.sum(0)
+
+
+class FusedLinearTembSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, temb):
+        needs_grad = any(ctx.needs_input_grad)
+        y, z = fused_forward(x, weight, bias, temb, store_z=needs_grad)
+        if needs_grad:
+            ctx.save_for_backward(x, weight, z)
+            ctx.temb_rows = temb.dim() == 2
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, z = ctx.saved_tensors
+        dz, col_sum = fused_backward_dz(dy, z)
+        dx = dz @ weight if ctx.needs_input_grad[0] else None                 # (M, K)
+        dw = dz.t() @ x if ctx.needs_input_grad[1] else None                  # (N, K)
+        db = col_sum.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        dt = None
+        if ctx.needs_input_grad[3]:
+            dt = dz if ctx.temb_rows else col_sum.to(weight.dtype)
+        return dx, dw, db, dt
+
+
+def fused_linear_temb_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    """silu(x @ weight^T + bias + temb) in one Triton kernel; x (B, K), weight (N, K), temb (B, N) or (N,)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"fused step: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
+    if temb.shape not in ((weight.shape[0],), (x.shape[0], weight.shape[0])):
+        raise ValueError(f"fused step: temb {tuple(temb.shape)} must be ({weight.shape[0]},) or {(x.shape[0], weight.shape[0])}")
+    return FusedLinearTembSiLU.apply(x, weight, bias, temb)
+
+
+def reference(x, weight, bias, temb):
+    """The plain torch expression every kernel result is compared against."""
+    return torch.nn.functional.silu(torch.nn.functional.linear(x, weight, bias) + temb)
