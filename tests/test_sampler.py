@@ -24,8 +24,8 @@ def oracle_for(model, x0, objective):
 # prediction divides by sqrt(alpha_bar) ~ 8e-5; in float32 that rounding alone is ~1e-3.
 @pytest.mark.parametrize("objective", ["eps", "x0", "v"])
 @pytest.mark.parametrize("sampler,steps", [("ddim", 1), ("ddim", 5), ("ddim", 50), ("ddim", 1000), ("ddpm", 1000)])
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
-def test_oracle_denoiser_recovers_x0(objective, sampler, steps, schedule):
+@pytest.mark.parametrize("schedule,project", [("cosine", False), ("linear", False), ("cosine", True)])
+def test_oracle_denoiser_recovers_x0(objective, sampler, steps, schedule, project):
     torch.manual_seed(0)
     model = dg.DiffGAP(tiny_config(objective=objective, schedule=schedule)).double()
     a = torch.nn.functional.normalize(torch.randn(8, 16, dtype=torch.float64) + 2.0, dim=-1)
@@ -34,7 +34,7 @@ def test_oracle_denoiser_recovers_x0(objective, sampler, steps, schedule):
     cond = torch.randn(6, 16, dtype=torch.float64)
     x0 = model.to_diffusion(target, 0)
     g = torch.Generator().manual_seed(1)
-    out = model.sample(cond, 0, steps=steps, sampler=sampler, eta=0.0, generator=g, project=False,
+    out = model.sample(cond, 0, steps=steps, sampler=sampler, eta=0.0, generator=g, project=project,
                        denoise_fn=oracle_for(model, x0, objective))
     cos = torch.nn.functional.cosine_similarity(out, target, dim=-1)
     assert cos.min().item() > 0.9999
