@@ -120,7 +120,7 @@ def use_triton(x: torch.Tensor) -> bool:
         raise ValueError(f"KERNELS must be 'auto', 'torch' or 'triton', got {KERNELS!r}")
     if _kernels is None:
         if KERNELS == "triton":
-            raise RuntimeError("kernels 'triton' asked for, but the kernels package (or triton) cannot be imported")
+            raise ValueError("kernels 'triton' asked for, but the kernels package (or triton) cannot be imported")
         return False
     return KERNELS == "triton" or (KERNELS == "auto" and x.is_cuda)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import sys
 import time
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 import diffgap as dg
 import embed_cache
-from train import DIRECTIONS, pick_device, retrieval_table
+from train import DIRECTIONS, pick_device, retrieval_table, run_cli
 
 
 def parse_args(argv=None):
@@ -124,8 +123,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (embed_cache.DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

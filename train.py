@@ -147,9 +147,14 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_cli(main) -> None:
+    """Run a command's main(): bad input becomes one line on stderr and exit status 2."""
     try:
         sys.exit(main())
     except (embed_cache.DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_cli(main)
