@@ -407,11 +407,15 @@ def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10
     first = hits.float().argmax(1) + 1                                       # rank of best correct item
     out = {f"R@{k}": (first <= k).float().mean().item() for k in ks}
     out["median_rank"] = first.float().quantile(0.5).item()
-    top = hits[:, :10].float()
-    precision = top.cumsum(1) / torch.arange(1, top.shape[1] + 1, device=top.device)
-    ap = (precision * top).sum(1) / n_rel.clamp(max=10)
-    out["mAP@10"] = ap.mean().item()
+    out["mAP@10"] = _map_at_10(hits[:, :10], n_rel)
     return out
+
+
+def _map_at_10(hits: torch.Tensor, n_rel: torch.Tensor) -> float:
+    """Mean over queries of AP@10 = sum_{k<=10} P@k rel_k / min(n_rel, 10); hits (Q, 10) bool in rank order."""
+    hits = hits.float()
+    precision = hits.cumsum(1) / torch.arange(1, hits.shape[1] + 1, device=hits.device)
+    return ((precision * hits).sum(1) / n_rel.clamp(max=10)).mean().item()
 
 
 @torch.no_grad()
@@ -456,9 +460,7 @@ def retrieval_metrics_from_embeddings(queries: torch.Tensor, gallery: torch.Tens
         top = _kernels.cosine_topk(queries, gallery, min(10, G), backend="triton" if use_triton(queries) else "torch")[1]
     else:
         top = torch.sort(cosine_scores(queries, gallery), dim=1, descending=True, stable=True).indices[:, :10]
-    hits = relevant.gather(1, top).float()
-    precision = hits.cumsum(1) / torch.arange(1, hits.shape[1] + 1, device=hits.device)
-    out["mAP@10"] = ((precision * hits).sum(1) / relevant.sum(1).clamp(max=10)).mean().item()
+    out["mAP@10"] = _map_at_10(relevant.gather(1, top), relevant.sum(1))
     return out
 
 

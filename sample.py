@@ -64,7 +64,7 @@ def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:
         raise ValueError("--cond needs --direction b2a (condition is video/text) or a2b (condition is audio)")
     if not args.out:
         raise ValueError("--cond needs --out FILE.npy")
-    cond = embed_cache.arrays._check_embeddings(embed_cache.arrays._read(args.cond), args.cond)
+    cond = embed_cache.arrays.check_embeddings(embed_cache.arrays.read_array(args.cond), args.cond)
     want = model.config.dim_b if direction == 0 else model.config.dim_a
     if cond.shape[1] != want:
         raise ValueError(f"{args.cond}: condition dim {cond.shape[1]}, but the checkpoint expects {want}")

@@ -21,7 +21,7 @@ from .base import DataError, Dataset, Split
 FRACTIONS = (0.8, 0.9)  # cumulative: train below 0.8, val below 0.9, test above
 
 
-def _read(path: str, key: str | None = None) -> np.ndarray:
+def read_array(path: str, key: str | None = None) -> np.ndarray:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     try:
@@ -37,7 +37,7 @@ def _read(path: str, key: str | None = None) -> np.ndarray:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
-def _check_embeddings(x: np.ndarray, where: str) -> torch.Tensor:
+def check_embeddings(x: np.ndarray, where: str) -> torch.Tensor:
     """Validate a (N, D) float array and return it L2-normalised as float32."""
     if x.dtype.kind != "f":
         raise DataError(f"{where}: dtype {x.dtype} is not floating point")
@@ -64,17 +64,17 @@ def split_of(index: torch.Tensor) -> torch.Tensor:
 def load_arrays(spec: str, pair: str) -> Dataset:
     if "," in spec:
         pa, pb = [p.strip() for p in spec.split(",", 1)]
-        a, b = _check_embeddings(_read(pa), pa), _check_embeddings(_read(pb), pb)
+        a, b = check_embeddings(read_array(pa), pa), check_embeddings(read_array(pb), pb)
         if len(a) != len(b):
             raise DataError(f"{pb}: {len(b)} rows but {pa} has {len(a)}; two .npy files are paired row for row")
         b_to_a = torch.arange(len(a))
     else:
-        a = _check_embeddings(_read(spec, "a"), f"{spec}['a']")
-        b = _check_embeddings(_read(spec, "b"), f"{spec}['b']")
+        a = check_embeddings(read_array(spec, "a"), f"{spec}['a']")
+        b = check_embeddings(read_array(spec, "b"), f"{spec}['b']")
         with np.load(spec, allow_pickle=False) as z:
             has_map = "b_to_a" in z.files
         if has_map:
-            m = _read(spec, "b_to_a")
+            m = read_array(spec, "b_to_a")
             if m.dtype.kind not in "iu" or m.shape != (len(b),):
                 raise DataError(f"{spec}['b_to_a']: expected {len(b)} integers, got dtype {m.dtype} shape {m.shape}")
             b_to_a = torch.from_numpy(m.astype(np.int64))
