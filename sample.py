@@ -102,8 +102,9 @@ def main(argv=None) -> int:
                                                     blend=args.blend, **kw)
         rate = samples.shape[0] * samples.shape[1] / (time.perf_counter() - t0)
         one = samples[0]                                       # (Q, D): one sample per query
-        relf = torch.nn.functional.one_hot(rel, len(gal)).float() if rel.dtype != torch.bool else rel.float()
-        paired = ((one @ gal.T) * relf).sum(1) / relf.sum(1)   # mean cosine to the query's true pair(s)
+        # mean cosine to the query's true pair(s): one gather, or the mean of its relevant rows
+        pair = gal[rel] if rel.dtype != torch.bool else (rel.float() @ gal) / rel.sum(1, keepdim=True)
+        paired = (one * pair).sum(1)
         # the raw conditions against the same targets: the modality gap before DiffGAP
         fd_cond = f"{dg.frechet_distance(q, gal):14.4f}" if q.shape[1] == gal.shape[1] else f"{'n/a':>14}"
         quality.append(f"{DIRECTIONS[d]:<10}{dg.frechet_distance(one, gal):10.4f}{fd_cond}"
