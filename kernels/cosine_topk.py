@@ -32,6 +32,11 @@ def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, 1.0 / n.clamp(min=1e-30), torch.zeros_like(n))
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm in fp32; zero rows stay zero."""
+    return x.float() * _inverse_norms(x)[:, None]
+
+
 def _merge(vals: torch.Tensor, idx: torch.Tensor, k: int):
     """Keep the k best of each row by (value descending, index ascending)."""
     order = torch.sort(idx, dim=1, stable=True).indices          # index ascending first ...
@@ -44,13 +49,13 @@ def cosine_topk_torch(queries: torch.Tensor, gallery: torch.Tensor, k: int, budg
     """The chunked torch path: running top-k over gallery chunks of at most budget_bytes of scores."""
     M, N = queries.shape[0], gallery.shape[0]
     k = min(k, N)
-    q = queries.float() * _inverse_norms(queries)[:, None]
+    q = _unit(queries)
     chunk = max(k, budget_bytes // (4 * max(M, 1)))
     best_v = torch.full((M, 0), float("-inf"), device=queries.device)
     best_i = torch.zeros((M, 0), dtype=torch.long, device=queries.device)
     for start in range(0, N, chunk):
         g = gallery[start:start + chunk]
-        s = q @ (g.float() * _inverse_norms(g)[:, None]).T                 # (M, chunk)
+        s = q @ _unit(g).T                                                 # (M, chunk)
         v, i = _merge(s, torch.arange(start, start + len(g), device=s.device).expand(M, -1), k)
         best_v, best_i = _merge(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k)
     return best_v, best_i
@@ -141,5 +146,5 @@ def cosine_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, backend: s
 
 def cosine_topk_reference(queries: torch.Tensor, gallery: torch.Tensor, k: int):
     """Full score matrix, then a (value, index) sort: the reference the tests compare against."""
-    s = (queries.float() * _inverse_norms(queries)[:, None]) @ (gallery.float() * _inverse_norms(gallery)[:, None]).T
+    s = _unit(queries) @ _unit(gallery).T
     return _merge(s, torch.arange(gallery.shape[0], device=s.device).expand_as(s), min(k, gallery.shape[0]))

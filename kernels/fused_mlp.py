@@ -109,8 +109,7 @@ def fused_backward_dz(dy, z):
     M, N = z.shape
     dy = dy.contiguous()
     dz = torch.empty_like(z)
-    BM, BN = (64, 128) if INTERPRET else (64, 64)
-    BM, BN = min(BM, triton.next_power_of_2(M)), min(BN, triton.next_power_of_2(N))
+    BM, BN, _ = _blocks(M, N, 1)  # the forward's row and column tiles
     part = torch.empty(triton.cdiv(M, BM), N, device=z.device, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
     _fused_bwd_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](dy, z, dz, part, M, N, z.stride(0), z.stride(1),
                                                                ACC=_acc(z.dtype), BLOCK_M=BM, BLOCK_N=BN)
