@@ -226,10 +226,15 @@ class DiffGAP(nn.Module):
     # -- embedding space <-> diffusion space (DESIGN 3.3) ----------------------------------
     @torch.no_grad()
     def fit_stats(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Store each modality's mean unit embedding (when config.center); a (N, D_A), b (M, D_B)."""
+        """Store each modality's mean unit embedding (when config.center); a (N, D_A), b (M, D_B).
+
+        Reads in chunks of rows, so a and b may be anything sliceable into tensors (embed_cache
+        keeps large training splits memory-mapped).
+        """
         if self.config.center:
-            self.mean_a.copy_(F.normalize(a.float(), dim=-1).mean(0))
-            self.mean_b.copy_(F.normalize(b.float(), dim=-1).mean(0))
+            for x, mean in ((a, self.mean_a), (b, self.mean_b)):
+                total = sum(F.normalize(x[i:i + 65536].double(), dim=-1).sum(0) for i in range(0, len(x), 65536))
+                mean.copy_(total / len(x))
 
     def _stats(self, modality: int) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.mean_a if modality == 0 else self.mean_b
@@ -479,6 +484,18 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((mu_x - mu_y).pow(2).sum() + s_x.trace() + s_y.trace() - 2 * cross).item()
 
 
+def paired_cosine(x: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor) -> float:
+    """Mean cosine of each x row (Q, D) with its true pair(s) in gallery (G, D).
+
+    relevant is (Q,) int (one pair each) or a (Q, G) bool mask (the mean over its pairs).
+    """
+    x, gallery = F.normalize(x.float(), dim=-1), F.normalize(gallery.float(), dim=-1)
+    if relevant.dtype != torch.bool:
+        return (x * gallery[relevant]).sum(1).mean().item()
+    rel = relevant.float()
+    return ((x * (rel @ gallery)).sum(1) / rel.sum(1)).mean().item()
+
+
 @torch.no_grad()
 def evaluate_retrieval(model: DiffGAP, queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
                        direction: int, num_samples: int = 16, blend: float = 0.5, **sample_kw):
@@ -486,12 +503,14 @@ def evaluate_retrieval(model: DiffGAP, queries: torch.Tensor, gallery: torch.Ten
 
     contrastive = cos(q, g); diffgap = cos(g_hat, g), g_hat the mean of K generated samples
     (averaging approximates the posterior mean E[g | q], which ranks far better than any one
-    sample); blend = (1 - blend) contrastive + blend diffgap.
+    sample); blend = (1 - blend) contrastive + blend diffgap. With unequal dims only diffgap.
     """
     samples = torch.stack([model.sample(queries, direction, **sample_kw) for _ in range(num_samples)])
     q, g_hat = F.normalize(queries.float(), dim=-1), F.normalize(samples.mean(0), dim=-1)
     # blend: (1 - l) cos(q, g) + l cos(g_hat, g) ranks like the cosine of the query (1 - l) q + l g_hat
-    queries_by_score = {"contrastive": q, "diffgap": g_hat, "blend": (1 - blend) * q + blend * g_hat}
+    queries_by_score = {"diffgap": g_hat}
+    if q.shape[1] == gallery.shape[1]:  # contrastive and blend need both modalities in one space
+        queries_by_score = {"contrastive": q, "diffgap": g_hat, "blend": (1 - blend) * q + blend * g_hat}
     return {name: retrieval_metrics_from_embeddings(x, gallery, relevant) for name, x in queries_by_score.items()}, samples
 
 

@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--blend", type=float, default=0.5, help="lambda of the blend score")
     p.add_argument("--direction", choices=["both", "b2a", "a2b"], default="both")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--data", help="data spec to evaluate on (default: the one stored in the checkpoint)")
     p.add_argument("--cond", help="FILE.npy of condition embeddings (N, D) to generate for (needs --out)")
     p.add_argument("--out", help="FILE.npy to write the generated embeddings to")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -89,7 +90,10 @@ def main(argv=None) -> int:
         generate_to_file(model, args, directions[0], device)
         return 0
 
-    data = embed_cache.load(ckpt["data"], ckpt["pair"])
+    data = embed_cache.load(args.data or ckpt["data"], ckpt["pair"])
+    if data.dims != (model.config.dim_a, model.config.dim_b):
+        raise ValueError(f"{data.spec}: dims {data.dims[0]}/{data.dims[1]} do not match the checkpoint's "
+                         f"{model.config.dim_a}/{model.config.dim_b}")
     split = data.splits[args.split]
     print(f"checkpoint {path} (step {ckpt['step']}); {data.summary()}")
     g = torch.Generator(device=device).manual_seed(args.seed)
@@ -102,13 +106,10 @@ def main(argv=None) -> int:
                                                     blend=args.blend, **kw)
         rate = samples.shape[0] * samples.shape[1] / (time.perf_counter() - t0)
         one = samples[0]                                       # (Q, D): one sample per query
-        # mean cosine to the query's true pair(s): one gather, or the mean of its relevant rows
-        pair = gal[rel] if rel.dtype != torch.bool else (rel.float() @ gal) / rel.sum(1, keepdim=True)
-        paired = (one * pair).sum(1)
         # the raw conditions against the same targets: the modality gap before DiffGAP
         fd_cond = f"{dg.frechet_distance(q, gal):14.4f}" if q.shape[1] == gal.shape[1] else f"{'n/a':>14}"
         quality.append(f"{DIRECTIONS[d]:<10}{dg.frechet_distance(one, gal):10.4f}{fd_cond}"
-                       f"{paired.mean().item():12.4f}{rate:12.0f}")
+                       f"{dg.paired_cosine(one, gal, rel):12.4f}{rate:12.0f}")
         if data.oracle is not None:
             results[d]["oracle"] = dg.retrieval_metrics(data.oracle(q.cpu(), gal.cpu(), d), rel.cpu())
     print(retrieval_table(results, f"{args.split} retrieval (%), {args.steps} {args.sampler} steps, "

@@ -2,6 +2,7 @@
 
     python train.py --pair audio-video                 # built-in synthetic embeddings
     python train.py --pair audio-text --data pairs.npz
+    python train.py --pair audio-text --data clap:audio=audio.npy,text=text.npy
     python train.py --pair audio-video --resume        # continue runs/audio-video/ckpt.pt
 
 Writes runs/<pair>/ckpt.pt (atomically) at every epoch end, at the end, and on Ctrl-C, then
@@ -27,7 +28,9 @@ DIRECTIONS = {0: "B->A", 1: "A->B"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=["audio-video", "audio-text"], default="audio-video")
-    p.add_argument("--data", default="synthetic", help="'synthetic[:seed=N]', FILE.npz or A.npy,B.npy (default: synthetic)")
+    p.add_argument("--data", default="synthetic",
+                   help="data spec: synthetic[:seed=N], A.npy,B.npy, pairs.npz, clap:..., cavp:..., arrays:..., "
+                        "dirs:... or spec.json (README: Your own embeddings); default synthetic")
     p.add_argument("--epochs", type=int, default=30, help="passes over the training pairs (paper: 30)")
     p.add_argument("--batch-size", type=int, default=64, help="paper: 64")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 2e-4 over ~94k steps)")
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     for d in (0, 1):
         q, g, rel = (x.to(device) for x in val.retrieval(d))
         results[d], _ = dg.evaluate_retrieval(model, q, g, rel, d, num_samples=args.num_samples, steps=5)
-        results[d].pop("blend")
+        results[d].pop("blend", None)
     print(retrieval_table(results, f"validation retrieval (%), 5 DDIM steps, K={args.num_samples} samples averaged "
                                    f"({time.time() - t0:.1f} s):"))
     return 0

@@ -7,9 +7,11 @@ relevance for retrieval in either direction.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 
@@ -17,14 +19,65 @@ class DataError(ValueError):
     """Bad input data. The message is one line naming the file, the row or key, and the problem."""
 
 
+class Rows:
+    """Rows of a (possibly memory-mapped) float array, L2-normalised when read.
+
+    Large training splits stay on disk: indexing (an int tensor, an array or a slice) reads
+    just those rows, so a training batch costs B rows of I/O and no full copy is ever made.
+    Supports what training needs: len, shape, [idx] -> (n, D) float32 tensor, take(idx).
+    """
+
+    def __init__(self, array, index: np.ndarray):
+        self.array, self.index = array, np.asarray(index, dtype=np.int64)   # (N_file, D), (N,)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.index), self.array.shape[1])
+
+    def take(self, idx) -> "Rows":
+        """A lazy view of rows idx of this one (no data is read)."""
+        return Rows(self.array, self.index[np.asarray(idx)])
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        rows = self.index[idx] if isinstance(idx, slice) else self.index[np.asarray(idx)]
+        x = torch.from_numpy(np.asarray(read_rows(self.array, rows), dtype=np.float32))
+        return torch.nn.functional.normalize(x, dim=-1)
+
+
+def read_rows(array, rows: np.ndarray) -> np.ndarray:
+    """array[rows]; from a memory-mapped .npy by plain reads (pread), not through the mapping.
+
+    Pages touched through a mapping stay in the process's resident set until the kernel needs
+    them back; plain reads copy just the rows asked for, so memory stays at what is in use.
+    Dense requests (fit_stats' chunks) are one contiguous read, sparse ones (a random batch)
+    one read per row.
+    """
+    if not (isinstance(array, np.memmap) and array.filename and array.flags.c_contiguous) or len(rows) == 0:
+        return np.asarray(array[rows])
+    row_bytes, dim = array.strides[0], array.shape[1]
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    with open(array.filename, "rb") as f:
+        if hi - lo <= 4 * len(rows):
+            f.seek(array.offset + lo * row_bytes)
+            return np.fromfile(f, dtype=array.dtype, count=(hi - lo) * dim).reshape(-1, dim)[rows - lo]
+        fd = f.fileno()
+        buf = b"".join(os.pread(fd, row_bytes, array.offset + int(r) * row_bytes) for r in rows)
+    return np.frombuffer(bytearray(buf), dtype=array.dtype).reshape(len(rows), dim)  # writable
+
+
 @dataclass
 class Split:
-    a: torch.Tensor       # (N_a, D_A) unit-norm audio embeddings
-    b: torch.Tensor       # (N_b, D_B) unit-norm video/text embeddings
+    a: torch.Tensor       # (N_a, D_A) unit-norm audio embeddings (or Rows, for large files)
+    b: torch.Tensor       # (N_b, D_B) unit-norm video/text embeddings (or Rows)
     b_to_a: torch.Tensor  # (N_b,) int64: the row of `a` that each row of `b` is paired with
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pairs (a[b_to_a], b): (N_b, D_A), (N_b, D_B)."""
+        """Training pairs (a[b_to_a], b): (N_b, D_A), (N_b, D_B); lazy when a is Rows."""
+        if isinstance(self.a, Rows):
+            return self.a.take(self.b_to_a.numpy()), self.b
         return self.a[self.b_to_a], self.b
 
     def retrieval(self, direction: int):
@@ -33,10 +86,11 @@ class Split:
         B->A: every B row queries the audio gallery; its one relevant item is b_to_a (Q,).
         A->B: every audio queries the B gallery; relevant is a (Q, G) bool mask of its B rows.
         """
+        a, b = (x[:] if isinstance(x, Rows) else x for x in (self.a, self.b))  # evaluation reads the split
         if direction == 0:
-            return self.b, self.a, self.b_to_a
-        rel = self.b_to_a[None, :] == torch.arange(len(self.a))[:, None]
-        return self.a, self.b, rel
+            return b, a, self.b_to_a
+        rel = self.b_to_a[None, :] == torch.arange(len(a))[:, None]
+        return a, b, rel
 
 
 @dataclass
@@ -51,6 +105,9 @@ class Dataset:
         s = self.splits["train"]
         return s.a.shape[1], s.b.shape[1]
 
+    notes: str = ""                 # what the loader saw: norms before normalising, dropped rows
+
     def summary(self) -> str:
         parts = [f"{k}: {len(s.a)} audio / {len(s.b)} {self.pair.split('-')[1]}" for k, s in self.splits.items()]
-        return f"{self.spec} ({self.pair}, dims {self.dims[0]}/{self.dims[1]}): " + ", ".join(parts)
+        text = f"{self.spec} ({self.pair}, dims {self.dims[0]}/{self.dims[1]}): " + ", ".join(parts)
+        return text + (f"; {self.notes}" if self.notes else "")

@@ -76,7 +76,7 @@ def test_bad_condition_file_writes_nothing(trained, case):
     assert res.returncode == 2
     msg = res.stderr.strip()
     assert msg.count("\n") == 0 and f"{case}.npy" in msg
-    assert ("dim 100" in msg) if case == "wrong_dim" else ("row 2" in msg)
+    assert ("dim 100" in msg) if case == "wrong_dim" else ("1 bad rows: 2 (NaN or Inf)" in msg)
     assert not (cwd / f"{case}_out.npy").exists()
 
 

@@ -1,0 +1,140 @@
+"""Simpler ways across the modality gap, to measure DiffGAP against (issue: strong baselines).
+
+    ridge  closed-form ridge regression from the condition to the target embedding, with its
+           regularisation chosen on the validation split; then cosine to the gallery.
+    mlp    a deterministic regressor with the denoiser's parameter budget, trained with the
+           same optimiser, steps, batches and direction switching as DiffGAP; then cosine.
+
+Both predict in DiffGAP's own coordinates (centred, unit variance per coordinate; DESIGN 3.3)
+so that the three models see the same inputs and their outputs are compared the same way.
+benchmarks/paper_tables.py uses them; tests/test_baselines.py checks them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import diffgap as dg  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------
+# Ridge: W = argmin |X W - Y|^2 + lam |W|^2 on centred X, Y (intercept not penalised)
+# ----------------------------------------------------------------------------------------
+
+class Ridge:
+    """Linear map x -> (x - x_mean) W + y_mean, solved for many lambdas from one SVD of X."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        """x (N, D_in), y (N, D_out), float. Keeps the SVD; pick a lambda with fit(lam)."""
+        x, y = x.double(), y.double()
+        self.x_mean, self.y_mean = x.mean(0), y.mean(0)
+        # X = U S V^T  =>  W(lam) = V diag(s / (s^2 + lam)) U^T Y
+        self.U, self.s, self.V = torch.linalg.svd(x - self.x_mean, full_matrices=False)
+        self.UtY = self.U.T @ (y - self.y_mean)                      # (r, D_out)
+        self.W = None
+
+    def fit(self, lam: float) -> "Ridge":
+        self.lam = lam
+        self.W = self.V.T @ ((self.s / (self.s ** 2 + lam))[:, None] * self.UtY)  # (D_in, D_out)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.double() - self.x_mean) @ self.W + self.y_mean).to(x.dtype)
+
+
+def fit_ridge(model: dg.DiffGAP, train, val, direction: int, lambdas=None) -> tuple[Ridge, dict]:
+    """Ridge for one direction, lambda chosen by validation R@1 (ties: mean of R@1/5/10).
+
+    model supplies the coordinates (to_diffusion / from_diffusion); train and val are
+    embed_cache Splits. Returns the fitted map and {lambda: validation R@1}.
+    """
+    tgt, src = (0, 1) if direction == 0 else (1, 0)
+    a, b = train.pairs()
+    cond, target = (b, a) if direction == 0 else (a, b)
+    ridge = Ridge(model.to_diffusion(cond, src), model.to_diffusion(target, tgt))
+    # lambda relative to the mean squared singular value, so the grid suits any N and scale
+    base = float((ridge.s ** 2).mean())
+    lambdas = lambdas or [base * f for f in (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)]
+    q, g, rel = val.retrieval(direction)
+    scores = {}
+    for lam in lambdas:
+        pred = model.from_diffusion(ridge.fit(lam)(model.to_diffusion(q, src)), tgt)
+        m = dg.retrieval_metrics_from_embeddings(pred, g, rel)
+        scores[lam] = (m["R@1"], m["R@1"] + m["R@5"] + m["R@10"])
+    best = max(scores, key=scores.get)
+    return ridge.fit(best), {lam: s[0] for lam, s in scores.items()}
+
+
+def ridge_predict(model: dg.DiffGAP, ridge: Ridge, cond: torch.Tensor, direction: int) -> torch.Tensor:
+    """Unit-norm predicted targets (N, D_target) for unit-norm conditions (N, D_cond)."""
+    tgt, src = (0, 1) if direction == 0 else (1, 0)
+    return model.from_diffusion(ridge(model.to_diffusion(cond, src)), tgt)
+
+
+# ----------------------------------------------------------------------------------------
+# MLP: the denoiser with the diffusion taken out
+# ----------------------------------------------------------------------------------------
+
+class Regressor(nn.Module):
+    """cond (B, D_cond) -> predicted target (B, D_target): input layer, residual blocks, output.
+
+    Same pieces as dg.Denoiser (pre-norm residual blocks whose hidden step receives an
+    embedding of the condition and the direction) without x_t and t; one network serves both
+    directions, as the denoiser does, with adapters when the dims differ.
+    """
+
+    def __init__(self, cfg: dg.DiffGAPConfig, inner: int, depth: int):
+        super().__init__()
+        H, dims = cfg.hidden, (cfg.dim_a, cfg.dim_b)
+        n_adapters = 1 if cfg.dim_a == cfg.dim_b else 2
+        self.c_in = nn.ModuleList([nn.Linear(dims[m], H) for m in range(n_adapters)])
+        self.out = nn.ModuleList([nn.Linear(H, dims[m]) for m in range(n_adapters)])
+        self.cond_mlp = nn.Sequential(nn.SiLU(), nn.Linear(H, inner))
+        self.dir_emb = nn.Embedding(2, inner)
+        self.blocks = nn.ModuleList([dg.ResidualBlock(H, inner) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(H)
+
+    def forward(self, cond: torch.Tensor, direction: int) -> torch.Tensor:
+        tgt, src = (0, 1) if direction == 0 else (1, 0)
+        pick = lambda layers, m: layers[min(m, len(layers) - 1)]
+        h = pick(self.c_in, src)(cond)                                  # (B, H)
+        emb = self.cond_mlp(h) + self.dir_emb.weight[direction]         # (B, inner)
+        for block in self.blocks:
+            h = block(h, emb)
+        return pick(self.out, tgt)(self.norm_out(h))                    # (B, D_target)
+
+
+class MLPBaseline(dg.DiffGAP):
+    """A DiffGAP whose network regresses the target directly: MSE in diffusion coordinates.
+
+    Subclassing keeps everything else identical: the embedding scaling and its statistics,
+    the EMA, direction_at and hence dg.train_steps and dg.make_optimizer work unchanged.
+    The inner width is chosen so the parameter count matches the denoiser's (within ~1%).
+    """
+
+    def __init__(self, config: dg.DiffGAPConfig, depth: int = 3):
+        super().__init__(config)
+        budget = self.num_params()   # the denoiser built by DiffGAP.__init__
+        sizes = {i: sum(p.numel() for p in Regressor(config, i, depth).parameters()) for i in range(16, 2049, 16)}
+        inner = min(sizes, key=lambda i: abs(sizes[i] - budget))
+        self.net = Regressor(config, inner, depth)
+        self.ema = Regressor(config, inner, depth).requires_grad_(False) if config.ema_decay > 0 else None
+        if self.ema is not None:
+            self.ema.load_state_dict(self.net.state_dict())
+
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, direction: int) -> torch.Tensor:
+        tgt, src = (0, 1) if direction == 0 else (1, 0)
+        pred = self.net(self.to_diffusion(cond, src), direction)
+        return F.mse_loss(pred, self.to_diffusion(target, tgt))
+
+    @torch.no_grad()
+    def predict(self, cond: torch.Tensor, direction: int) -> torch.Tensor:
+        """Unit-norm predicted targets (N, D_target) with the EMA weights."""
+        tgt, src = (0, 1) if direction == 0 else (1, 0)
+        net = self.ema if self.ema is not None else self.net
+        return self.from_diffusion(net(self.to_diffusion(cond, src), direction), tgt)

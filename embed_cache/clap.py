@@ -1,0 +1,36 @@
+"""LAION-CLAP / MS-CLAP audio and text embeddings (DESIGN.md 5).
+
+    clap:audio=audio.npy,text=text.npy            (N, D) and (5N, D): captions contiguous,
+                                                  text rows 5d..5d+4 belong to audio d
+    clap:audio=audio.npy,text=text.npy,audio_ids=audio.csv,text_ids=captions.csv,id_col=audio_id
+                                                  explicit caption -> audio id mapping
+    clap:audio=emb.npz,text=emb.npz,audio_key=audio,text_key=text
+
+Neither CLAP package writes a cache file: users save what `get_audio_embedding_from_filelist`
+and `get_text_embedding` return with np.save / np.savez / torch.save. Without ids, the number
+of captions per audio is N_text / N_audio (it must divide; AudioCaps and Clotho test sets use
+5), or per_audio=K. Every other option of the arrays format applies (drop_bad, val, ...).
+"""
+from __future__ import annotations
+
+from .arrays import load_arrays, read_one
+from .base import DataError, Dataset
+
+RENAME = {"audio": "a", "text": "b", "audio_key": "a_key", "text_key": "b_key", "audio_ids": "a_ids",
+          "text_ids": "b_ids", "per_audio": "per_a"}
+
+
+def load_clap(opts: dict, pair: str, spec: str) -> Dataset:
+    if pair != "audio-text":
+        raise DataError(f"{spec}: CLAP embeddings are audio-text; use --pair audio-text")
+    if "audio" not in opts or "text" not in opts:
+        raise DataError(f"{spec}: give audio=PATH,text=PATH")
+    opts = {RENAME.get(k, k): v for k, v in opts.items()}
+    has_ids = any(k in opts for k in ("ids", "a_ids", "b_ids"))
+    if not has_ids and "per_a" not in opts:
+        n_a, n_t = (len(read_one(opts[s], opts.get(f"{s}_key"))[0]) for s in ("a", "b"))
+        if n_t % n_a:
+            raise DataError(f"{opts['b']}: {n_t} captions for {n_a} audio rows is not a whole number per audio; "
+                            f"give text_ids= (caption -> audio id) or per_audio=")
+        opts["per_a"] = str(n_t // n_a)
+    return load_arrays(opts, pair, spec)

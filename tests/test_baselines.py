@@ -1,0 +1,87 @@
+"""Baselines of benchmarks/baselines.py and the table script benchmarks/paper_tables.py."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import diffgap as dg
+import embed_cache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from baselines import MLPBaseline, Ridge, fit_ridge  # noqa: E402
+
+
+def test_ridge_matches_numpy_least_squares():
+    rng = np.random.default_rng(0)
+    x, y, lam = rng.normal(size=(50, 6)), rng.normal(size=(50, 3)), 0.7
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    # ridge = least squares on the augmented system [X; sqrt(lam) I] W = [Y; 0]
+    w, *_ = np.linalg.lstsq(np.vstack([xc, np.sqrt(lam) * np.eye(6)]), np.vstack([yc, np.zeros((6, 3))]), rcond=None)
+    ridge = Ridge(torch.from_numpy(x), torch.from_numpy(y)).fit(lam)
+    assert np.allclose(ridge.W.numpy(), w, atol=1e-10)
+    x_new = rng.normal(size=(4, 6))
+    assert np.allclose(ridge(torch.from_numpy(x_new)).numpy(), (x_new - x.mean(0)) @ w + y.mean(0), atol=1e-10)
+    # lam -> 0 is ordinary least squares
+    w0, *_ = np.linalg.lstsq(xc, yc, rcond=None)
+    assert np.allclose(Ridge(torch.from_numpy(x), torch.from_numpy(y)).fit(0.0).W.numpy(), w0, atol=1e-10)
+
+
+def test_ridge_lambda_is_the_best_on_validation():
+    ds = embed_cache.load("synthetic:seed=1,n_train=600,n_val=100,n_test=100,dim=32,rank=8,classes=20", "audio-video")
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=32, dim_b=32))
+    model.fit_stats(ds.splits["train"].a, ds.splits["train"].b)
+    ridge, grid = fit_ridge(model, ds.splits["train"], ds.splits["val"], 0)
+    assert len(grid) == 7 and grid[ridge.lam] == max(grid.values())
+
+
+@pytest.mark.parametrize("cfg", [dg.DiffGAPConfig(), dg.DiffGAPConfig(dim_b=64), dg.DiffGAPConfig(hidden=256, inner=96)])
+def test_mlp_has_the_denoisers_parameter_budget(cfg):
+    mlp, diffusion = MLPBaseline(cfg), dg.DiffGAP(cfg)
+    assert abs(mlp.num_params() / diffusion.num_params() - 1) < 0.10
+    x = torch.nn.functional.normalize(torch.randn(5, cfg.dim_b), dim=1)
+    assert mlp.predict(x, 0).shape == (5, cfg.dim_a)
+
+
+def test_mlp_learns_a_linear_map():
+    ds = embed_cache.load("synthetic:seed=0,n_train=2000,n_val=100,n_test=200,dim=32,rank=8,classes=20", "audio-video")
+    cfg = dg.DiffGAPConfig(dim_a=32, dim_b=32, hidden=64, inner=32, switch_every=50)
+    mlp = MLPBaseline(cfg)
+    tr = ds.splits["train"]
+    mlp.fit_stats(tr.a, tr.b)
+    losses = [s["loss"] for s in dg.train_steps(mlp, *tr.pairs(), dg.make_optimizer(mlp, 1e-3), 400, 64,
+                                                generator=torch.Generator().manual_seed(0))]
+    assert np.mean(losses[-50:]) < 0.8 * np.mean(losses[:10])
+    q, g, rel = ds.splits["test"].retrieval(0)
+    assert dg.paired_cosine(mlp.predict(q, 0), g, rel) > dg.paired_cosine(q, g, rel) + 0.2
+
+
+def test_quick_tables_are_produced_and_well_formed(tmp_path):
+    out = tmp_path / "tables.md"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "paper_tables.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert text.strip() in r.stdout
+    tables = re.split(r"^### ", text, flags=re.M)[1:]
+    titles = [t.splitlines()[0] for t in tables]
+    expected = {"Table III analogue": 14, "Table IV analogue": 14, "Table V analogue": 3, "Table VI analogue": 5,
+                "Table VII analogue": 3, "Objective": 3, "Direction embedding": 2, "Guidance scale": 3,
+                "Samples averaged": 3, "Blend weight": 5}
+    assert len(titles) == len(expected)
+    cell = re.compile(r"^-?\d+(\.\d+)? ± \d+(\.\d+)?$")
+    for title, table in zip(titles, tables):
+        rows = [line for line in table.splitlines() if line.startswith("| ")]   # header, then body (no |---|)
+        header, body = rows[0], rows[1:]
+        n_rows = next(v for k, v in expected.items() if title.startswith(k))
+        assert len(body) == n_rows, title
+        for line in body:
+            cells = [c.strip() for c in line.strip("|").split("|")][1:]
+            assert len(cells) == header.count("|") - 2, line
+            for c in cells:
+                # FD / paired cos do not exist for a blend of two scores
+                assert cell.match(c) or (c == "-" and "blend" in line), (title, line)
