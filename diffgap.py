@@ -46,7 +46,8 @@ class DiffGAPConfig:
     schedule: str = "cosine"         # "cosine" (Nichol & Dhariwal) or "linear" (Ho et al.)
     objective: str = "v"             # what the network predicts: "v", "eps" (the paper's) or "x0";
                                      # v ranks far better with few trailing steps (README)
-    p_uncond: float = 0.0            # probability of replacing the condition by the null vector
+    p_uncond: float = 0.1            # probability of replacing the condition by the null vector
+                                     # (learns p(x) too, for classifier-free guidance; README)
     direction_embedding: bool = True  # add a learned direction vector to the time embedding;
                                       # False is the paper-faithful shared network
     center: bool = True              # subtract each modality's mean before scaling (DESIGN 3.3)

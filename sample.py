@@ -20,7 +20,7 @@ import torch
 
 import diffgap as dg
 import embed_cache
-from train import DIRECTIONS, pick_device, retrieval_table, run_cli
+from train import DIRECTIONS, RANK_GUIDANCE, pick_device, rank_guidance, retrieval_table, run_cli
 
 
 def parse_args(argv=None):
@@ -29,7 +29,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="sampling steps (paper: 50, 20 or 5)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="guidance scale of generated embeddings (--cond, FD, paired cos); 1: none")
+    p.add_argument("--rank-guidance", type=float, default=RANK_GUIDANCE,
+                   help="guidance scale of the K samples averaged for the diffgap / blend retrieval scores "
+                        "(1 for models trained with --p-uncond 0)")
     p.add_argument("--num-samples", type=int, default=16, help="K samples averaged for the diffgap score")
     p.add_argument("--blend", type=float, default=0.5, help="lambda of the blend score")
     p.add_argument("--direction", choices=["both", "b2a", "a2b"], default="both")
@@ -97,15 +101,17 @@ def main(argv=None) -> int:
     split = data.splits[args.split]
     print(f"checkpoint {path} (step {ckpt['step']}); {data.summary()}")
     g = torch.Generator(device=device).manual_seed(args.seed)
-    kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance, generator=g)
+    kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, generator=g)
+    rank_g = rank_guidance(model, args.rank_guidance)
     results, quality = {}, []
     for d in directions:
         q, gal, rel = (x.to(device) for x in split.retrieval(d))
         t0 = time.perf_counter()
         results[d], samples = dg.evaluate_retrieval(model, q, gal, rel, d, num_samples=args.num_samples,
-                                                    blend=args.blend, **kw)
+                                                    blend=args.blend, guidance=rank_g, **kw)
         rate = samples.shape[0] * samples.shape[1] / (time.perf_counter() - t0)
-        one = samples[0]                                       # (Q, D): one sample per query
+        # generation quality of embeddings as --cond would write them (guidance --guidance)
+        one = samples[0] if args.guidance == rank_g else model.sample(q, d, guidance=args.guidance, **kw)  # (Q, D)
         # the raw conditions against the same targets: the modality gap before DiffGAP
         fd_cond = f"{dg.frechet_distance(q, gal):14.4f}" if q.shape[1] == gal.shape[1] else f"{'n/a':>14}"
         quality.append(f"{DIRECTIONS[d]:<10}{dg.frechet_distance(one, gal):10.4f}{fd_cond}"
@@ -113,12 +119,13 @@ def main(argv=None) -> int:
         if data.oracle is not None:
             results[d]["oracle"] = dg.retrieval_metrics(data.oracle(q.cpu(), gal.cpu(), d), rel.cpu())
     print(retrieval_table(results, f"{args.split} retrieval (%), {args.steps} {args.sampler} steps, "
-                                   f"K={args.num_samples} samples averaged, blend lambda={args.blend}:"))
-    print(f"generation quality ({args.split} split, one sample per query):")
+                                   f"K={args.num_samples} samples averaged, guidance {rank_g:g}, "
+                                   f"blend lambda={args.blend}:"))
+    print(f"generation quality ({args.split} split, one sample per query, guidance {args.guidance:g}):")
     print(f"{'direction':<10}{'FD gen':>10}{'FD cond':>14}{'paired cos':>12}{'samples/s':>12}")
     print("\n".join(quality))
     print("FD gen / FD cond: Frechet distance of the generated / the raw condition embeddings to the real targets;"
-          "\npaired cos: mean cosine of a generated embedding and its true pair(s); samples/s includes scoring.")
+          "\npaired cos: mean cosine of a generated embedding and its true pair(s); samples/s: retrieval samples incl. scoring.")
     if data.oracle is not None:
         print("oracle: the synthetic generator's own likelihood ranking (a reference ceiling, not a model)")
     return 0

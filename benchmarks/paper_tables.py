@@ -100,6 +100,7 @@ def metric_records(table: str, row: str, m: dict) -> list[tuple]:
 def train(job: Job, data) -> dg.DiffGAP:
     a, b = data.splits["train"].pairs()
     over = dict(job.overrides)
+    over.setdefault("p_uncond", 0.0)   # the paper's method has no guidance; only the guidance table uses it
     over["switch_every"] = max(1, round(over.get("switch_every", PAPER_SWITCH["5000"]) * job.steps))
     config = dg.DiffGAPConfig(dim_a=data.dims[0], dim_b=data.dims[1], **over)
     torch.manual_seed(job.seed)

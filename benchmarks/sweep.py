@@ -6,7 +6,8 @@
 A variant is NAME[:key=value,...]; keys are DiffGAPConfig fields plus `steps` (training steps),
 `lr` and `n_train` (synthetic training pairs; default 20,000). Every variant is trained on the synthetic audio-video default for each seed (data and
 initialisation), then scored on the validation and test splits in both directions with every
---eval setting (K samples averaged, DDIM steps). Ridge on the same split is the reference.
+--eval setting (K samples averaged, DDIM steps, guidance scale for models trained with
+p_uncond > 0). Ridge on the same split is the reference.
 Runs --workers processes with one thread each.
 """
 import argparse
@@ -19,7 +20,8 @@ from dataclasses import fields
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                   # baselines, paper_tables
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import diffgap as dg  # noqa: E402
 import embed_cache  # noqa: E402
 from baselines import fit_ridge, ridge_predict  # noqa: E402
@@ -49,7 +51,7 @@ def parse_variant(text: str, default_steps: int) -> tuple[str, dict, int, float]
 
 
 def run(task):
-    name, over, steps, lr, seed, evals = task
+    name, over, steps, lr, seed, evals, per_seed = task
     torch.set_num_threads(1)
     over = dict(over)
     extra = f",n_train={over.pop('n_train')}" if "n_train" in over else ""
@@ -63,10 +65,14 @@ def run(task):
             if name == "base":
                 ridge, _ = fit_ridge(model, data.splits["train"], data.splits["val"], d)
                 out.append(("ridge", split, d, dg.retrieval_metrics_from_embeddings(ridge_predict(model, ridge, q, d), g, rel)["R@1"]))
-            for k, s in evals:
-                samples, _ = sample_k(model, q, d, k, seed, steps=s)
+            for k, s, scale in evals:
+                if scale != 1 and model.config.p_uncond == 0:
+                    continue  # guidance needs a model trained with condition dropout
+                samples, _ = sample_k(model, q, d, k, seed, steps=s, guidance=scale)
                 r1 = dg.retrieval_metrics_from_embeddings(F.normalize(samples.mean(0), dim=-1), g, rel)["R@1"]
-                out.append((f"{name} K={k} steps={s}", split, d, r1))
+                out.append((f"{name} K={k} steps={s}" + (f" guidance={scale:g}" if scale != 1 else ""), split, d, r1))
+    if per_seed:
+        out = [(f"seed {seed}: {n}", split, d, v) for n, split, d, v in out]
     print(f"  {name} seed {seed} done", file=sys.stderr, flush=True)
     return out
 
@@ -74,19 +80,23 @@ def run(task):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", action="append", required=True)
-    p.add_argument("--eval", action="append", help="K=16,steps=5 (default)")
+    p.add_argument("--eval", action="append", help="K=16,steps=5[,guidance=4] (default K=16,steps=5)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--per-seed", action="store_true", help="a row per seed instead of mean ± std")
     args = p.parse_args()
-    evals = [tuple(int(x.split("=")[1]) for x in e.split(",")) for e in (args.eval or ["K=16,steps=5"])]
-    tasks = [(*parse_variant(v, args.steps), seed, evals) for v in args.variant for seed in args.seeds]
+    evals = []
+    for e in args.eval or ["K=16,steps=5"]:
+        kv = dict(x.split("=") for x in e.split(","))
+        evals.append((int(kv.get("K", 16)), int(kv.get("steps", 5)), float(kv.get("guidance", 1))))
+    tasks = [(*parse_variant(v, args.steps), seed, evals, args.per_seed) for v in args.variant for seed in args.seeds]
     with mp.get_context("fork").Pool(args.workers) as pool:
         results = [r for rs in pool.map(run, tasks, chunksize=1) for r in rs]
     cells = {}
     for name, split, d, v in results:
         cells.setdefault((name, split, d), []).append(100 * v)
-    names = list(dict.fromkeys(r[0] for r in results))
+    names = sorted(dict.fromkeys(r[0] for r in results), key=lambda n: n.startswith("seed") and n.split(":")[0])
     print(f"R@1 (%), synthetic audio-video, seeds {args.seeds}, mean ± std; switch m = {PAPER_SWITCH['5000']:.3f} of the run")
     print("| variant | val B->A | val A->B | test B->A | test A->B |\n|---|---|---|---|---|")
     for n in names:

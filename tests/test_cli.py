@@ -54,6 +54,17 @@ def test_sample_finds_the_checkpoint_and_reports_both_directions(trained):
     for row in ("B->A      diffgap", "B->A      blend", "A->B      contrastive", "A->B      oracle"):
         assert row in out
     assert "samples/s" in out and "FD" in out
+    # the ranking samples are guided (the default), the generated embeddings are not
+    assert "K=2 samples averaged, guidance 16," in out and "one sample per query, guidance 1)" in out
+
+
+def test_a_model_without_condition_dropout_ranks_unguided(trained, tmp_path):
+    cwd, _ = trained
+    out = run("train.py", "--pair", "audio-video", "--out", str(tmp_path), "--data", TINY, "--epochs", "1",
+              "--p-uncond", "0", "--num-samples", "1", cwd=cwd).stdout
+    assert "samples averaged, guidance 1 (" in out
+    out = run("sample.py", "--ckpt", str(tmp_path / "audio-video" / "ckpt.pt"), "--num-samples", "1", cwd=cwd).stdout
+    assert "K=1 samples averaged, guidance 1," in out
 
 
 def test_sample_generates_for_given_conditions(trained):
