@@ -140,13 +140,12 @@ def run_job(job: Job) -> list[tuple]:
                     ("retrieval", f"{row}|mlp", "cos", dg.paired_cosine(pred, g, rel))]
             continue
         samples, _ = sample_k(model, q, d, job.num_samples, job.seed, steps=5)
-        g_hat = F.normalize(samples.mean(0), dim=-1)
-        main = metric_records("", "", score(g_hat))
+        qn, g_hat = F.normalize(q, dim=-1), F.normalize(samples.mean(0), dim=-1)
+        ranked = lambda x: score(F.normalize(x.mean(0), dim=-1))   # metrics of the mean of samples x
         fd, cos = dg.frechet_distance(samples[0], g), dg.paired_cosine(samples[0], g, rel)
         if job.name == "main":
             ridge, _ = fit_ridge(model, data.splits["train"], data.splits["val"], d)
             pred = ridge_predict(model, ridge, q, d)
-            qn = F.normalize(q, dim=-1)
             for method, x in {"contrastive": qn, "ridge": pred, "ridge blend": qn + pred,
                               "diffgap": g_hat, "diffgap blend": qn + g_hat}.items():
                 out += metric_records("retrieval", f"{row}|{method}", score(x))
@@ -156,42 +155,36 @@ def run_job(job: Job) -> list[tuple]:
             out += [("retrieval", f"{row}|ridge", "FD", dg.frechet_distance(pred, g)),
                     ("retrieval", f"{row}|ridge", "cos", dg.paired_cosine(pred, g, rel)),
                     ("retrieval", f"{row}|diffgap", "FD", fd), ("retrieval", f"{row}|diffgap", "cos", cos)]
-        if not job.full and job.name == "main":
-            continue
-        # ablation tables: the variant's 5-step, K-sample diffgap score in this direction
+            if not job.full:
+                continue
+        # ablation tables: each variant's 5-step, K-sample diffgap score in this direction
+        main, D = score(g_hat), DIRS[d]
         variant = {"main": "bidirectional", "b2a": "one direction", "a2b": "one direction"}.get(job.name)
         if variant:
-            out += [("V", f"{variant}|{DIRS[d]}", k, v) for _, _, k, v in main]
+            out += metric_records("V", f"{variant}|{D}", main)
         if job.name in ("main", "m=1000", "m=10000"):
-            m = "5000" if job.name == "main" else job.name[2:]
-            out += [("VII", f"{m}|{DIRS[d]}", k, v) for _, _, k, v in main]
+            out += metric_records("VII", f"{'5000' if job.name == 'main' else job.name[2:]}|{D}", main)
         if job.name in ("main", "eps", "x0"):
             obj = "v" if job.name == "main" else job.name
-            out += [("objective", f"{obj}|{DIRS[d]}", k, v) for _, _, k, v in main] + [("objective", f"{obj}|{DIRS[d]}", "FD", fd)]
+            out += metric_records("objective", f"{obj}|{D}", main) + [("objective", f"{obj}|{D}", "FD", fd)]
         if job.name in ("main", "no-dir-emb"):
-            on = "on" if job.name == "main" else "off"
-            out += [("direction embedding", f"{on}|{DIRS[d]}", k, v) for _, _, k, v in main]
+            out += metric_records("direction embedding", f"{'on' if job.name == 'main' else 'off'}|{D}", main)
         if job.name == "p_uncond=0.1":
             for s in GUIDANCE_SWEEP:
                 sg = samples if s == 1.0 else sample_k(model, q, d, job.num_samples, job.seed, steps=5, guidance=s)[0]
-                m = metric_records("", "", score(F.normalize(sg.mean(0), dim=-1)))
-                out += [("guidance", f"{s:g}|{DIRS[d]}", k, v) for _, _, k, v in m]
-                out.append(("guidance", f"{s:g}|{DIRS[d]}", "FD", dg.frechet_distance(sg[0], g)))
+                out += metric_records("guidance", f"{s:g}|{D}", ranked(sg))
+                out.append(("guidance", f"{s:g}|{D}", "FD", dg.frechet_distance(sg[0], g)))
         if job.name == "main":
-            out += [("V", f"no diffusion module (contrastive)|{DIRS[d]}", k, v)
-                    for _, _, k, v in metric_records("", "", score(F.normalize(q, dim=-1)))]
+            out += metric_records("V", f"no diffusion module (contrastive)|{D}", score(qn))
             for k in K_SWEEP:
-                m = metric_records("", "", score(F.normalize(samples[:k].mean(0), dim=-1)))
-                out += [("K", f"{k}|{DIRS[d]}", c, v) for _, _, c, v in m]
+                out += metric_records("K", f"{k}|{D}", ranked(samples[:k]))
             for lam in BLEND_SWEEP:  # (1 - lam) cos(q, g) + lam cos(g_hat, g), ranked via one query vector
-                m = metric_records("", "", score((1 - lam) * F.normalize(q, dim=-1) + lam * g_hat))
-                out += [("blend", f"{lam:g}|{DIRS[d]}", c, v) for _, _, c, v in m]
+                out += metric_records("blend", f"{lam:g}|{D}", score((1 - lam) * qn + lam * g_hat))
             for steps in STEP_SWEEP:
                 s, secs = sample_k(model, q, d, job.num_samples, job.seed, steps=steps)
-                m = metric_records("", "", score(F.normalize(s.mean(0), dim=-1)))
-                out += [("VI", f"{steps}|{DIRS[d]}", c, v) for _, _, c, v in m]
-                out += [("VI", f"{steps}|{DIRS[d]}", "FD", dg.frechet_distance(s[0], g)),
-                        ("VI", f"{steps}|{DIRS[d]}", "samples/s", s.shape[0] * s.shape[1] / secs)]
+                out += metric_records("VI", f"{steps}|{D}", ranked(s))
+                out += [("VI", f"{steps}|{D}", "FD", dg.frechet_distance(s[0], g)),
+                        ("VI", f"{steps}|{D}", "samples/s", s.shape[0] * s.shape[1] / secs)]
     print(f"  {job.pair} {job.name} seed {job.seed}: {time.time() - t_start:.0f} s", file=sys.stderr, flush=True)
     return out
 

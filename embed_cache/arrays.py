@@ -10,7 +10,7 @@ Spec (after "arrays:"; the shortcuts on the left need no "arrays:" prefix):
     ids=meta.csv,id_col=ytid   one id per row for both files (a CSV, JSON or .txt list);
                                or a_ids= / b_ids= separately. Repeated audio rows (one per
                                caption) are merged, after checking they hold the same vector
-    per_a=5                    contiguous: B rows 5d..5d+4 belong to A row d
+    per_a=5                    contiguous: B rows 5d..5d+4 belong to A row d (auto: N_b / N_a)
     split_col=split            each id's split (train/val/test) from that column of the ids CSV
     val=0.1,test=0.1           hash-split fractions when the files give no split
     drop_bad=1                 drop NaN/Inf/all-zero rows (default: an error naming them)
@@ -352,8 +352,11 @@ def load_arrays(opts: dict, pair: str, spec: str) -> Dataset:
     if "file" in opts:
         path = opts["file"]
         keys = [opts.get("a_key", "a"), opts.get("b_key", "b")]
-        found = read_named(path, keys)
-        found = read_named(path, keys + [k for k in ("b_to_a", "a_ids", "b_ids") if k in found])
+        found = read_named(path, keys)                 # other keys are listed with value None
+        optional = [k for k in ("b_to_a", "a_ids", "b_ids") if k in found and found[k] is None]
+        if optional:
+            more = read_named(path, optional)
+            found.update({k: more[k] for k in optional})
         a = Source(f"{path}['{keys[0]}']", found[keys[0]])
         b = Source(f"{path}['{keys[1]}']", found[keys[1]])
         b_to_a = found.get("b_to_a")
@@ -367,7 +370,12 @@ def load_arrays(opts: dict, pair: str, spec: str) -> Dataset:
     else:
         raise DataError(f"{spec}: give file=PATH, or a=PATH,b=PATH")
     apply_ids(opts, a, b)
-    if "per_a" in opts:
+    if opts.get("per_a") == "auto" and a.ids is None and b.ids is None:  # clap: captions contiguous
+        if len(b.array) % len(a.array):
+            raise DataError(f"{b.name}: {len(b.array)} captions for {len(a.array)} audio rows is not a whole number "
+                            f"per audio; give text_ids= (caption -> audio id) or per_audio=")
+        opts = {**opts, "per_a": str(len(b.array) // len(a.array))}
+    if "per_a" in opts and opts["per_a"] != "auto":
         k = int(opt_float(opts, "per_a", 1))
         if len(b.array) != k * len(a.array):
             raise DataError(f"{b.name}: {len(b.array)} rows, but per_a={k} needs {k} x {len(a.array)} = "

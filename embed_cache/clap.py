@@ -13,7 +13,7 @@ of captions per audio is N_text / N_audio (it must divide; AudioCaps and Clotho 
 """
 from __future__ import annotations
 
-from .arrays import load_arrays, read_one
+from .arrays import load_arrays
 from .base import DataError, Dataset
 
 RENAME = {"audio": "a", "text": "b", "audio_key": "a_key", "text_key": "b_key", "audio_ids": "a_ids",
@@ -26,11 +26,6 @@ def load_clap(opts: dict, pair: str, spec: str) -> Dataset:
     if "audio" not in opts or "text" not in opts:
         raise DataError(f"{spec}: give audio=PATH,text=PATH")
     opts = {RENAME.get(k, k): v for k, v in opts.items()}
-    has_ids = any(k in opts for k in ("ids", "a_ids", "b_ids"))
-    if not has_ids and "per_a" not in opts:
-        n_a, n_t = (len(read_one(opts[s], opts.get(f"{s}_key"))[0]) for s in ("a", "b"))
-        if n_t % n_a:
-            raise DataError(f"{opts['b']}: {n_t} captions for {n_a} audio rows is not a whole number per audio; "
-                            f"give text_ids= (caption -> audio id) or per_audio=")
-        opts["per_a"] = str(n_t // n_a)
+    if not any(k in opts for k in ("ids", "a_ids", "b_ids", "per_a")):
+        opts["per_a"] = "auto"   # captions contiguous, N_text / N_audio per audio
     return load_arrays(opts, pair, spec)
