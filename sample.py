@@ -20,7 +20,7 @@ import torch
 
 import diffgap as dg
 import embed_cache
-from train import DIRECTIONS, RANK_GUIDANCE, pick_device, rank_guidance, retrieval_table, run_cli
+from train import DIRECTIONS, RANK_GUIDANCE, check_dims, pick_device, rank_guidance, retrieval_table, run_cli
 
 
 def parse_args(argv=None):
@@ -95,9 +95,7 @@ def main(argv=None) -> int:
         return 0
 
     data = embed_cache.load(args.data or ckpt["data"], ckpt["pair"])
-    if data.dims != (model.config.dim_a, model.config.dim_b):
-        raise ValueError(f"{data.spec}: dims {data.dims[0]}/{data.dims[1]} do not match the checkpoint's "
-                         f"{model.config.dim_a}/{model.config.dim_b}")
+    check_dims(data, model)
     split = data.splits[args.split]
     print(f"checkpoint {path} (step {ckpt['step']}); {data.summary()}")
     g = torch.Generator(device=device).manual_seed(args.seed)

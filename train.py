@@ -72,6 +72,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_dims(data: embed_cache.Dataset, model: dg.DiffGAP) -> None:
+    """A checkpoint only fits data of the dims it was trained on."""
+    if data.dims != (model.config.dim_a, model.config.dim_b):
+        raise ValueError(f"{data.spec}: dims {data.dims[0]}/{data.dims[1]} do not match the checkpoint's "
+                         f"{model.config.dim_a}/{model.config.dim_b}")
+
+
 def retrieval_table(results: dict, title: str) -> str:
     """results: {direction: {score name: metrics}} -> a small aligned text table."""
     lines = [title, f"{'direction':<10}{'score':<13}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mAP@10':>8}{'medR':>7}"]
@@ -106,9 +113,8 @@ def main(argv=None) -> int:
                                   switch_every=args.switch_every, ema_decay=args.ema_decay)
         model = dg.DiffGAP(config)
         model.fit_stats(train.a, train.b)
-    elif (model.config.dim_a, model.config.dim_b) != (dim_a, dim_b):
-        raise ValueError(f"{args.data}: dims {dim_a}/{dim_b} do not match the checkpoint's "
-                         f"{model.config.dim_a}/{model.config.dim_b}")
+    else:
+        check_dims(data, model)
     model.to(device)
     optimizer = dg.make_optimizer(model, args.lr)
     start_step, generator = 0, torch.Generator().manual_seed(args.seed)

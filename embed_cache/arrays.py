@@ -99,21 +99,29 @@ def read_named(path: str, keys: Optional[list[str]]) -> dict:
     return found
 
 
+def read_keys(path: str, required: list[str], optional: tuple = ()) -> dict:
+    """read_named, plus the `optional` keys the file has; every array is read once."""
+    found = read_named(path, required)          # other keys are listed with value None
+    extra = [k for k in optional if k in found and found[k] is None]
+    if extra:
+        more = read_named(path, extra)
+        found.update({k: more[k] for k in extra})
+    return found
+
+
 def read_one(path: str, key: Optional[str]) -> tuple[np.ndarray, Optional[np.ndarray], str]:
     """(embeddings, ids or None, name) from a .npy, or from a .npz / .pt holding one array (+ `ids`)."""
     if path.endswith(".npy"):
         return read_named(path, None)[None], None, path
-    found = read_named(path, [key] if key else [])
+    found = read_keys(path, [key] if key else [], ("ids",))
     if key is None:
         names = [k for k in found if k not in ("ids", "encoder")]   # "encoder": extract.py's caches
         if len(names) != 1:
             raise DataError(f"{path}: holds {', '.join(names) or 'no arrays'}; choose one with a_key= / b_key=")
         key = names[0]
-        found = read_named(path, [key] + (["ids"] if "ids" in found else []))
-    elif "ids" in found:
-        found = read_named(path, [key, "ids"])
-    ids = found.get("ids")
-    return found[key], ids, f"{path}['{key}']"
+        if found[key] is None:
+            found[key] = read_named(path, [key])[key]
+    return found[key], found.get("ids"), f"{path}['{key}']"
 
 
 def read_ids(path: str, column: Optional[str] = None) -> tuple[list[str], dict[str, list[str]]]:
@@ -151,10 +159,6 @@ def read_ids(path: str, column: Optional[str] = None) -> tuple[list[str], dict[s
 # Checks (streamed in chunks: a memory-mapped file is never read whole)
 # ----------------------------------------------------------------------------------------
 
-def _chunk(x: np.ndarray, start: int, stop: int) -> np.ndarray:
-    return read_rows(x, np.arange(start, stop))
-
-
 def check_source(src: Source) -> tuple[np.ndarray, np.ndarray]:
     """Validate dtype and shape; return (bad row indices, norms of the good rows)."""
     x = src.array
@@ -168,7 +172,7 @@ def check_source(src: Source) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{src.name}: {len(x)} rows but {len(src.ids)} ids")
     bad, norms = [], []
     for start in range(0, len(x), CHUNK):
-        c = _chunk(x, start, min(start + CHUNK, len(x))).astype(np.float64)
+        c = read_rows(x, np.arange(start, min(start + CHUNK, len(x)))).astype(np.float64)
         n = np.linalg.norm(c, axis=1)
         ok = np.isfinite(c).all(1) & (n > 0)
         bad.append(np.flatnonzero(~ok) + start)
@@ -329,22 +333,22 @@ def opt_float(opts: dict, key: str, default: float) -> float:
 
 
 def apply_ids(opts: dict, a: Source, b: Source) -> None:
-    """ids= / a_ids= / b_ids= (and split_col=) from CSV, JSON or .txt files."""
-    col = opts.get("id_col")
-    if "ids" in opts:
-        a.ids, cols = read_ids(opts["ids"], col)
+    """ids= / a_ids= / b_ids= (and split_col=, a column of the audio ids' CSV) from CSV, JSON or .txt."""
+    col, audio_cols = opts.get("id_col"), None
+    if "ids" in opts:                       # one id list for both files
+        a.ids, audio_cols = read_ids(opts["ids"], col)
         b.ids = a.ids
-    for src, key in ((a, "a_ids"), (b, "b_ids")):
-        if key in opts:
-            src.ids, cols = read_ids(opts[key], col)
+    if "a_ids" in opts:
+        a.ids, audio_cols = read_ids(opts["a_ids"], col)
+    if "b_ids" in opts:
+        b.ids, _ = read_ids(opts["b_ids"], col)
     if "split_col" in opts:
-        path = opts.get("ids") or opts.get("a_ids")
-        if not path:
+        path = opts.get("a_ids") or opts.get("ids")
+        if audio_cols is None:
             raise DataError("split_col= needs ids= or a_ids= (the CSV that holds the column)")
-        _, cols = read_ids(path, col)
-        if opts["split_col"] not in cols:
-            raise DataError(f"{path}: no column {opts['split_col']!r} (found: {', '.join(cols)})")
-        a.split = cols[opts["split_col"]]
+        if opts["split_col"] not in audio_cols:
+            raise DataError(f"{path}: no column {opts['split_col']!r} (found: {', '.join(audio_cols)})")
+        a.split = audio_cols[opts["split_col"]]
 
 
 def load_arrays(opts: dict, pair: str, spec: str) -> Dataset:
@@ -352,11 +356,7 @@ def load_arrays(opts: dict, pair: str, spec: str) -> Dataset:
     if "file" in opts:
         path = opts["file"]
         keys = [opts.get("a_key", "a"), opts.get("b_key", "b")]
-        found = read_named(path, keys)                 # other keys are listed with value None
-        optional = [k for k in ("b_to_a", "a_ids", "b_ids") if k in found and found[k] is None]
-        if optional:
-            more = read_named(path, optional)
-            found.update({k: more[k] for k in optional})
+        found = read_keys(path, keys, ("b_to_a", "a_ids", "b_ids"))
         a = Source(f"{path}['{keys[0]}']", found[keys[0]])
         b = Source(f"{path}['{keys[1]}']", found[keys[1]])
         b_to_a = found.get("b_to_a")

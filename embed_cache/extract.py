@@ -170,6 +170,7 @@ def extract(audio_dir: str, out: str, encoder, batch_size: int = 16, save_every:
     todo = [(i, p) for i, p in files if i not in done]
     clip = int(encoder.sample_rate * encoder.clip_seconds)
     batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+    saved = len(ids)                 # rows already in the file on disk
     try:
         for n, batch in enumerate(tqdm(batches, unit="batch", desc=f"{encoder.name} embeddings")):
             audio = np.stack([read_audio(p, encoder.sample_rate, clip) for _, p in batch])
@@ -178,8 +179,9 @@ def extract(audio_dir: str, out: str, encoder, batch_size: int = 16, save_every:
             rows += list(emb)
             if (n + 1) % save_every == 0:
                 write_cache(out, ids, rows, encoder.name)
+                saved = len(ids)
     finally:  # keep what was embedded, even when a file fails or on Ctrl-C
-        if rows and len(ids) > len(done):
+        if len(ids) > saved:
             write_cache(out, ids, rows, encoder.name)
     return len(todo)
 

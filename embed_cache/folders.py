@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from .arrays import Source, assemble, opt_float, read_array, split_of
+from .arrays import Source, assemble, opt_float, read_array, read_ids, split_of
 from .base import DataError, Dataset
 
 
@@ -90,16 +90,13 @@ def load_cavp(opts: dict, pair: str, spec: str) -> Dataset:
     clips, split = {"audio": {}, "video": {}}, {}
     for part in ("Train", "Test"):
         listed = os.path.join(lists, f"{part}.txt")
-        only = None
-        if os.path.isfile(listed):
-            with open(listed) as f:
-                only = {line.strip() for line in f if line.strip()}
+        only = set(read_ids(listed)[0]) if os.path.isfile(listed) else None
         for modality in clips:
             folder = os.path.join(opts[modality], part)
             if os.path.isdir(folder):
                 clips[modality].update(read_folder(folder, opts, only))
-        ids = sorted(set(clips["audio"]) | set(clips["video"]))
-        for i, s in zip(ids, split_of(ids, val, 0.0)):
-            split.setdefault(i, "test" if part == "Test" else ("train", "val")[int(s)])
+        new = sorted((set(clips["audio"]) | set(clips["video"])) - set(split))   # first part seen wins
+        for i, s in zip(new, split_of(new, val, 0.0)):
+            split[i] = "test" if part == "Test" else ("train", "val")[int(s)]
     return assemble(pair, spec, source(opts["audio"], clips["audio"], split),
                     source(opts["video"], clips["video"], split), opts)
