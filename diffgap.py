@@ -19,6 +19,7 @@ whose coordinates have unit variance, so they match the N(0, I) noise.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -254,17 +255,21 @@ class DiffGAP(nn.Module):
         return F.normalize(x / scale + mean, dim=-1)
 
     # -- training loss (Algorithm 1, lines 5-8; Ho et al. eq. 14) ---------------------------
-    def loss(self, target: torch.Tensor, cond: torch.Tensor, direction: int) -> torch.Tensor:
-        """MSE of the denoiser on a batch: target (B, D_target), cond (B, D_cond), both unit norm."""
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, direction: int, generator=None) -> torch.Tensor:
+        """MSE of the denoiser on a batch: target (B, D_target), cond (B, D_cond), both unit norm.
+
+        generator (on the model's device) draws t, eps and the dropout mask; None: torch's global RNG.
+        """
         tgt, src = (0, 1) if direction == 0 else (1, 0)
         x0 = self.to_diffusion(target, tgt)
         c = self.to_diffusion(cond, src)   # the condition gets the same unit-variance scaling
-        t = torch.randint(0, self.config.timesteps, (x0.shape[0],), device=x0.device)
-        eps = torch.randn_like(x0)
+        B, dev = x0.shape[0], x0.device
+        t = torch.randint(0, self.config.timesteps, (B,), device=dev, generator=generator)
+        eps = torch.randn(x0.shape, device=dev, dtype=x0.dtype, generator=generator)
         sa = self.sqrt_alpha_bar[t][:, None]
         so = self.sqrt_one_minus_alpha_bar[t][:, None]
         x_t = sa * x0 + so * eps                                   # q(x_t | x0), Ho et al. eq. 4
-        drop = torch.rand(x0.shape[0], device=x0.device) < self.config.p_uncond
+        drop = torch.rand(B, device=dev, generator=generator) < self.config.p_uncond
         pred = self.net(x_t, t, c, direction, drop if self.config.p_uncond > 0 else None)
         target_of = {"eps": eps, "x0": x0, "v": sa * eps - so * x0}  # v: Salimans & Ho 2022
         return F.mse_loss(pred, target_of[self.config.objective])
@@ -345,35 +350,68 @@ class DiffGAP(nn.Module):
 # 4. Training loop: bidirectional split training (paper, Algorithm 1)
 # ----------------------------------------------------------------------------------------
 
+def derived_seed(seed: int, stream: str, n: int) -> int:
+    """A seed for item n of a named random stream ("epoch", "step") of a run seeded with `seed`.
+
+    Every random draw of training comes from such a seed, so a run's future is a function of
+    (seed, step) alone: a resumed run needs no saved RNG state to continue bit-identically.
+    """
+    digest = hashlib.blake2b(f"{seed}/{stream}/{n}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1          # < 2**63, as manual_seed wants
+
+
+def steps_per_epoch(n_pairs: int, batch_size: int) -> int:
+    """One epoch is n_pairs // batch_size full batches; the n_pairs % batch_size rows left over
+    (different ones each epoch, since every epoch is a fresh permutation) wait for the next."""
+    if not 1 <= batch_size <= n_pairs:
+        raise ValueError(f"batch size {batch_size} must be between 1 and the number of training pairs ({n_pairs})")
+    return n_pairs // batch_size
+
+
+def epoch_order(n_pairs: int, epoch: int, seed: int = 0) -> torch.Tensor:
+    """The permutation of the training pairs that epoch `epoch` visits batch by batch: (n_pairs,) int64."""
+    return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch)))
+
+
+def batch_indices(n_pairs: int, batch_size: int, step: int, seed: int = 0) -> torch.Tensor:
+    """Rows of the minibatch of global step `step`: (batch_size,) int64."""
+    epoch, pos = divmod(step, steps_per_epoch(n_pairs, batch_size))
+    return epoch_order(n_pairs, epoch, seed)[pos * batch_size:(pos + 1) * batch_size]
+
+
 def train_steps(model: DiffGAP, a: torch.Tensor, b: torch.Tensor, optimizer: torch.optim.Optimizer,
-                steps: int, batch_size: int = 64, start_step: int = 0, direction: str = "both",
-                generator=None):
+                steps: int, batch_size: int = 64, start_step: int = 0, direction: str = "both", seed: int = 0):
     """Yield {"step", "loss", "direction"} after each optimisation step; prints nothing.
 
-    a (N, D_A) and b (N, D_B) are paired rows (a[i] goes with b[i]). Minibatches are drawn by
-    reshuffling every pass over the data. direction "both" switches every config.switch_every
-    steps from the *global* step (start_step + i), so a resumed run continues in its phase;
-    "b2a" / "a2b" train one direction only.
+    a (N, D_A) and b (N, D_B) are paired rows (a[i] goes with b[i]). Global step s (counted
+    from 0 over the whole run, start_step + i) takes batch_indices(N, batch_size, s, seed) and
+    draws its timesteps, noise and dropout mask from derived_seed(seed, "step", s), so a run
+    resumed at any step with the same seed continues exactly as an uninterrupted one would.
+    direction "both" switches every config.switch_every global steps (Algorithm 1); "b2a" /
+    "a2b" train one direction only. The loss in the yielded dict is a 0-dim tensor: calling
+    .item() on it is the caller's choice (it waits for the device).
     """
     if len(a) != len(b):
         raise ValueError(f"a and b must be paired row for row, got {len(a)} and {len(b)} rows")
     fixed = {"both": None, "b2a": 0, "a2b": 1}[direction]
     device = next(model.parameters()).device
+    per_epoch = steps_per_epoch(len(a), batch_size)
     model.train()
-    order, pos = torch.randperm(len(a), generator=generator), 0
+    order, order_epoch = None, None
     for step in range(start_step, start_step + steps):
-        if pos + batch_size > len(a):
-            order, pos = torch.randperm(len(a), generator=generator), 0
-        idx = order[pos:pos + batch_size]
-        pos += batch_size
+        epoch, pos = divmod(step, per_epoch)
+        if epoch != order_epoch:  # batch_indices(), with the permutation drawn once per epoch
+            order, order_epoch = epoch_order(len(a), epoch, seed), epoch
+        idx = order[pos * batch_size:(pos + 1) * batch_size]
         d = model.direction_at(step) if fixed is None else fixed          # Algorithm 1, line 4
         target, cond = (a[idx], b[idx]) if d == 0 else (b[idx], a[idx])
-        loss = model.loss(target.to(device), cond.to(device), d)
+        g = torch.Generator(device).manual_seed(derived_seed(seed, "step", step))
+        loss = model.loss(target.to(device), cond.to(device), d, generator=g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         model.update_ema(step)
-        yield {"step": step + 1, "loss": loss.item(), "direction": d}
+        yield {"step": step + 1, "loss": loss.detach(), "direction": d}
 
 
 def make_optimizer(model: DiffGAP, lr: float = 2e-4) -> torch.optim.Optimizer:
@@ -519,13 +557,35 @@ def evaluate_retrieval(model: DiffGAP, queries: torch.Tensor, gallery: torch.Ten
 # 6. Checkpoints: plain dicts of tensors and Python types, written atomically (DESIGN 3.10)
 # ----------------------------------------------------------------------------------------
 
-def save_checkpoint(path: str, model: DiffGAP, **extra) -> None:
-    """Write {"config", "model", **extra} to path via a temp file and os.replace."""
-    state = {"config": asdict(model.config), "model": model.state_dict(), **extra}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def atomic_write(path: str, write) -> None:
+    """Call write(f) on a temp file beside path, then make it path: all of it or none of it.
+
+    The data is fsynced before the rename and the folder after it; without the first, a power
+    loss can keep the rename but not the data (an empty file where the old one was).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a crash before this line leaves the previous file intact
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)           # the rename itself is durable only once the folder is
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str, model: DiffGAP, **extra) -> None:
+    """Write {"config", "model", **extra} to path atomically and durably (atomic_write)."""
+    state = {"config": asdict(model.config), "model": model.state_dict(), **extra}
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str, map_location="cpu") -> tuple[DiffGAP, dict]:

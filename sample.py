@@ -20,22 +20,23 @@ import torch
 
 import diffgap as dg
 import embed_cache
-from train import DIRECTIONS, RANK_GUIDANCE, check_dims, pick_device, rank_guidance, retrieval_table, run_cli
+from train import (DIRECTIONS, RANK_GUIDANCE, ArgParser, check_dims, number, pick_device, rank_guidance,
+                   retrieval_table, run_cli)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/ckpt.pt)")
-    p.add_argument("--steps", type=int, default=5, help="sampling steps (paper: 50, 20 or 5)")
+    p.add_argument("--steps", type=number(int, 1), default=5, help="sampling steps (paper: 50, 20 or 5)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    p.add_argument("--guidance", type=float, default=1.0,
+    p.add_argument("--eta", type=number(float, 0), default=0.0, help="DDIM noise (0: deterministic)")
+    p.add_argument("--guidance", type=number(float), default=1.0,
                    help="guidance scale of generated embeddings (--cond, FD, paired cos); 1: none")
-    p.add_argument("--rank-guidance", type=float, default=RANK_GUIDANCE,
+    p.add_argument("--rank-guidance", type=number(float), default=RANK_GUIDANCE,
                    help="guidance scale of the K samples averaged for the diffgap / blend retrieval scores "
                         "(1 for models trained with --p-uncond 0)")
-    p.add_argument("--num-samples", type=int, default=16, help="K samples averaged for the diffgap score")
-    p.add_argument("--blend", type=float, default=0.5, help="lambda of the blend score")
+    p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged for the diffgap score")
+    p.add_argument("--blend", type=number(float, 0, 1), default=0.5, help="lambda of the blend score, in [0, 1]")
     p.add_argument("--direction", choices=["both", "b2a", "a2b"], default="both")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--data", help="data spec to evaluate on (default: the one stored in the checkpoint)")
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU runs the interpreter (slow)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0), default=0)
     return p.parse_args(argv)
 
 
@@ -58,10 +59,8 @@ def find_checkpoint(path: str | None) -> str:
 
 
 def save_npy(path: str, x: torch.Tensor) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    tmp = f"{path}.tmp.npy"
-    np.save(tmp, x.cpu().numpy().astype(np.float32))
-    os.replace(tmp, path)
+    """Write x as float32 .npy atomically and durably (dg.atomic_write)."""
+    dg.atomic_write(path, lambda f: np.save(f, x.cpu().numpy().astype(np.float32)))
 
 
 def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:

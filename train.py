@@ -5,14 +5,18 @@
     python train.py --pair audio-text --data clap:audio=audio.npy,text=text.npy
     python train.py --pair audio-video --resume        # continue runs/audio-video/ckpt.pt
 
-Writes runs/<pair>/ckpt.pt (atomically) at every epoch end, at the end, and on Ctrl-C, then
-prints contrastive vs diffgap retrieval on the validation split.
+Writes runs/<pair>/ckpt.pt (atomically, fsynced) at every epoch end, every --save-every-min
+minutes, at the end, and on Ctrl-C or SIGTERM, then prints contrastive vs diffgap retrieval on
+the validation split. A run killed at any moment (kill -9 included) and continued with
+--resume ends bit-identical to one never stopped: the batch order, timesteps, noise and
+dropout of every step derive from (--seed, step), and the checkpoint holds the rest.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 
@@ -34,34 +38,98 @@ def rank_guidance(model, scale: float) -> float:
     return scale if model.config.p_uncond > 0 else 1.0
 
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse with the project's error format: one `error:` line on stderr, exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    """An argparse type: a finite `kind` (int or float) in the range lo..hi (ends excluded if *_open)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        bounds = ([f"{'>' if lo_open else '>='} {lo:g}"] if lo > -math.inf else []) + \
+                 ([f"{'<' if hi_open else '<='} {hi:g}"] if hi < math.inf else [])
+        inside = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"must be finite{', ' if bounds else ''}{' and '.join(bounds)}; got {text}")
+        return value
+    return parse
+
+
+# Options that define a run: a fresh run takes the default when the option is not given; a
+# resumed run keeps the checkpoint's value and refuses a different one (it would not be the
+# same run any more, and the exact-resume guarantee would be silently gone).
+RUN_OPTIONS = {  # option: (default, where the checkpoint keeps it)
+    "data": ("synthetic", lambda c: c["data"]),
+    "batch_size": (64, lambda c: c["batch_size"]),
+    "lr": (1e-3, lambda c: c["lr"]),
+    "seed": (0, lambda c: c.get("seed", 0)),
+    "direction": ("both", lambda c: c.get("direction", "both")),
+    "objective": ("v", lambda c: c["config"]["objective"]),
+    "schedule": ("cosine", lambda c: c["config"]["schedule"]),
+    "p_uncond": (0.1, lambda c: c["config"]["p_uncond"]),
+    "ema_decay": (0.999, lambda c: c["config"]["ema_decay"]),
+    "switch_every": (500, lambda c: c["config"]["switch_every"]),
+    "no_direction_embedding": (False, lambda c: not c["config"]["direction_embedding"]),
+}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=["audio-video", "audio-text"], default="audio-video")
-    p.add_argument("--data", default="synthetic",
+    p.add_argument("--data",
                    help="data spec: synthetic[:seed=N], A.npy,B.npy, pairs.npz, clap:..., cavp:..., arrays:..., "
                         "dirs:... or spec.json (README: Your own embeddings); default synthetic")
-    p.add_argument("--epochs", type=int, default=30, help="passes over the training pairs (paper: 30)")
-    p.add_argument("--batch-size", type=int, default=64, help="paper: 64")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 2e-4 over ~94k steps)")
-    p.add_argument("--switch-every", type=int, default=500, help="m: steps per direction phase (paper: 5000)")
-    p.add_argument("--direction", choices=["both", "b2a", "a2b"], default="both")
-    p.add_argument("--objective", choices=["eps", "x0", "v"], default="v")
-    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
-    p.add_argument("--p-uncond", type=float, default=0.1,
-                   help="condition dropout, which enables classifier-free guidance (0: paper-faithful, no guidance)")
-    p.add_argument("--rank-guidance", type=float, default=RANK_GUIDANCE,
+    p.add_argument("--epochs", type=number(int, 1),
+                   help="passes over the training pairs (default 30, the paper's; on --resume, the checkpoint's)")
+    p.add_argument("--batch-size", type=number(int, 1), help="default 64 (the paper's)")
+    p.add_argument("--lr", type=number(float, 0, lo_open=True),
+                   help="Adam learning rate, default 1e-3 (paper: 2e-4 over ~94k steps)")
+    p.add_argument("--switch-every", type=number(int, 1), help="m: steps per direction phase, default 500 (paper: 5000)")
+    p.add_argument("--direction", choices=["both", "b2a", "a2b"], help="default both")
+    p.add_argument("--objective", choices=["eps", "x0", "v"], help="default v")
+    p.add_argument("--schedule", choices=["cosine", "linear"], help="default cosine")
+    p.add_argument("--p-uncond", type=number(float, 0, 1, hi_open=True),
+                   help="condition dropout in [0, 1), which enables classifier-free guidance; default 0.1 "
+                        "(0: paper-faithful, no guidance)")
+    p.add_argument("--rank-guidance", type=number(float), default=RANK_GUIDANCE,
                    help="guidance scale of the samples averaged for the diffgap retrieval score")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="0 turns EMA off")
-    p.add_argument("--no-direction-embedding", action="store_true", help="paper-faithful shared network")
-    p.add_argument("--num-samples", type=int, default=16, help="K samples averaged in the final evaluation")
+    p.add_argument("--ema-decay", type=number(float, 0, 1, hi_open=True), help="in [0, 1), default 0.999; 0 turns EMA off")
+    p.add_argument("--no-direction-embedding", action="store_const", const=True, help="paper-faithful shared network")
+    p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged in the final evaluation")
+    p.add_argument("--no-eval", action="store_true", help="skip the validation table at the end")
     p.add_argument("--out", default="runs", help="checkpoints go to OUT/<pair>/ckpt.pt")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default: OUT/<pair>/ckpt.pt)")
+                   help="continue from a checkpoint (default: OUT/<pair>/ckpt.pt); the run's settings come from it")
+    p.add_argument("--save-every-min", type=number(float, 0, lo_open=True), default=10.0,
+                   help="also save a checkpoint every M minutes of training (default 10), besides epoch ends")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU runs the interpreter (slow)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0), help="default 0; decides the initial weights, batch order and noise")
     return p.parse_args(argv)
+
+
+def settle_run_options(args, ckpt) -> None:
+    """Fill RUN_OPTIONS from the defaults (fresh run) or the checkpoint (resumed run)."""
+    for name, (default, stored) in RUN_OPTIONS.items():
+        given = getattr(args, name)
+        if ckpt is None:
+            setattr(args, name, default if given is None else given)
+            continue
+        kept = stored(ckpt)
+        if given is not None and given != kept:
+            raise ValueError(f"--{name.replace('_', '-')} {given} differs from the checkpoint's {kept}: "
+                             f"a resumed run keeps its settings")
+        setattr(args, name, kept)
+    if args.epochs is None:
+        args.epochs = ckpt.get("epochs", 30) if ckpt is not None else 30
 
 
 def pick_device(name: str) -> torch.device:
@@ -93,7 +161,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     dg.KERNELS = args.kernels
-    torch.manual_seed(args.seed)
     ckpt_path = os.path.join(args.out, args.pair, "ckpt.pt")
 
     ckpt = None
@@ -102,10 +169,12 @@ def main(argv=None) -> int:
         model, ckpt = dg.load_checkpoint(resume_path)
         if ckpt.get("pair") != args.pair:
             raise ValueError(f"{resume_path}: checkpoint is for --pair {ckpt.get('pair')}, not {args.pair}")
-        args.data = ckpt["data"]
+    settle_run_options(args, ckpt)
+    torch.manual_seed(args.seed)   # the initial weights; training draws from (seed, step) itself
     data = embed_cache.load(args.data, args.pair)
     train = data.splits["train"]
     a, b = train.pairs()
+    per_epoch = dg.steps_per_epoch(len(a), args.batch_size)
     dim_a, dim_b = data.dims
     if ckpt is None:
         config = dg.DiffGAPConfig(dim_a=dim_a, dim_b=dim_b, objective=args.objective, schedule=args.schedule,
@@ -117,44 +186,56 @@ def main(argv=None) -> int:
         check_dims(data, model)
     model.to(device)
     optimizer = dg.make_optimizer(model, args.lr)
-    start_step, generator = 0, torch.Generator().manual_seed(args.seed)
+    start_step = 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        generator.set_state(ckpt["rng"]["batches"])
 
-    steps_per_epoch = math.ceil(len(a) / args.batch_size)
-    total = args.epochs * steps_per_epoch
+    total = args.epochs * per_epoch
     print(data.summary())
     print(f"model: {model.num_params():,} parameters ({model.num_params() * 4 / 1e6:.2f} MB fp32), "
           f"objective {model.config.objective}, {model.config.schedule} schedule, T={model.config.timesteps}, "
-          f"switch every {model.config.switch_every} steps; {total} steps ({args.epochs} epochs x {steps_per_epoch}) on {device}")
+          f"switch every {model.config.switch_every} steps; {total} steps ({args.epochs} epochs x {per_epoch} "
+          f"batches of {args.batch_size}) on {device}" + (f", resuming at step {start_step}" if ckpt else ""))
 
     def save(step: int) -> None:
         dg.save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=step, pair=args.pair,
                            data=data.spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                           rng={"torch": torch.get_rng_state(), "batches": generator.get_state()})
+                           seed=args.seed, direction=args.direction)
 
-    step = start_step
+    # Ctrl-C and SIGTERM (what schedulers send) ask the loop to stop after the step in flight,
+    # so the checkpoint never holds a half-applied update; a second Ctrl-C stops at once.
+    stop = []
+    def request_stop(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signum)
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    step, last_save = start_step, time.monotonic()
     bar = tqdm(total=total, initial=start_step, unit="it", mininterval=0.5)
     try:
-        for stats in dg.train_steps(model, a, b, optimizer, total - start_step, args.batch_size,
-                                    start_step=start_step, direction=args.direction, generator=generator):
+        for stats in dg.train_steps(model, a, b, optimizer, max(0, total - start_step), args.batch_size,
+                                    start_step=start_step, direction=args.direction, seed=args.seed):
             step = stats["step"]
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", direction=DIRECTIONS[stats["direction"]])
-            if step % steps_per_epoch == 0:
+            if step % per_epoch == 0 or time.monotonic() - last_save >= 60 * args.save_every_min:
                 save(step)
-    except KeyboardInterrupt:
+                last_save = time.monotonic()
+            if stop:
+                break
+    finally:
         bar.close()
-        save(step)
-        print(f"interrupted at step {step}; saved {ckpt_path} (continue with --resume)")
-        return 130
-    bar.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     save(step)
+    if stop:
+        print(f"interrupted at step {step}; saved {ckpt_path} (continue with --resume)")
+        return 128 + stop[0]
     print(f"saved {ckpt_path} at step {step}")
+    if args.no_eval:
+        return 0
 
     model.eval()
     val = data.splits["val"]
@@ -173,9 +254,12 @@ def run_cli(main) -> None:
     """Run a command's main(): bad input becomes one line on stderr and exit status 2."""
     try:
         sys.exit(main())
-    except (embed_cache.DataError, ValueError, FileNotFoundError) as e:
+    except (embed_cache.DataError, ValueError, OSError) as e:   # OSError: FileNotFoundError, disk full, ...
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:   # outside training's own handler (loading data, evaluating)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def train(job: Job, data) -> dg.DiffGAP:
     model.fit_stats(data.splits["train"].a, data.splits["train"].b)
     optimizer = dg.make_optimizer(model, job.lr)
     for _ in dg.train_steps(model, a, b, optimizer, job.steps, 64, direction=job.direction,
-                            generator=torch.Generator().manual_seed(job.seed)):
+                            seed=job.seed):
         pass
     return model.eval()
 

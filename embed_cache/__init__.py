@@ -26,19 +26,56 @@ from .synthetic import SyntheticConfig, SyntheticSpace, synthetic_dataset
 
 
 def _load_synthetic(opts: dict, pair: str, spec: str) -> Dataset:
-    typed = {}
-    for key, value in opts.items():
-        if key not in SyntheticConfig.__dataclass_fields__:
-            raise DataError(f"{spec}: unknown synthetic option {key!r}")
-        try:
-            typed[key] = type(getattr(SyntheticConfig, key))(value)
-        except ValueError:
-            raise DataError(f"{spec}: option {key!r} needs a number, got {value!r}") from None
-    return synthetic_dataset(pair, **typed)
+    # keys and ranges were checked by check_options
+    return synthetic_dataset(pair, **{k: type(getattr(SyntheticConfig, k))(v) for k, v in opts.items()})
 
 
 LOADERS = {"synthetic": _load_synthetic, "arrays": load_arrays, "clap": load_clap, "cavp": load_cavp,
            "dirs": load_dirs}
+
+# Every option each format understands (synthetic: SyntheticConfig's fields). An unknown key is
+# refused rather than ignored: a misspelt "vall=0.2" must not silently change the split.
+_SPLIT_OPTS = {"val", "test", "drop_bad", "drop_unpaired"}
+_IDS_OPTS = {"ids", "id_col", "split_col"}
+OPTIONS = {
+    "synthetic": set(SyntheticConfig.__dataclass_fields__),
+    "arrays": {"file", "a", "b", "a_key", "b_key", "a_ids", "b_ids", "per_a"} | _IDS_OPTS | _SPLIT_OPTS,
+    "clap": {"audio", "text", "audio_key", "text_key", "audio_ids", "text_ids", "per_audio"} | _IDS_OPTS | _SPLIT_OPTS,
+    "cavp": {"video", "audio", "lists", "key", "pool", "fps", "val", "drop_bad", "drop_unpaired"},
+    "dirs": {"a", "b", "key", "pool", "fps"} | _SPLIT_OPTS,
+}
+
+
+def check_options(name: str, opts: dict, spec: str) -> None:
+    """Refuse unknown keys and out-of-range values of a data spec, one line naming the key."""
+    unknown = sorted(set(opts) - OPTIONS[name])
+    if unknown:
+        raise DataError(f"{spec}: unknown {name} option {unknown[0]!r} (valid: {', '.join(sorted(OPTIONS[name]))})")
+
+    def number(key, kind=float):
+        try:
+            return kind(opts[key])
+        except ValueError:
+            raise DataError(f"{spec}: option {key}={opts[key]!r} needs {'an integer' if kind is int else 'a number'}") from None
+
+    fractions = {k: number(k) for k in ("val", "test") if k in opts}
+    for key, value in fractions.items():
+        if not 0 <= value < 1:
+            raise DataError(f"{spec}: option {key}={opts[key]} must be in [0, 1)")
+    if name != "cavp" and fractions.get("val", 0.1) + fractions.get("test", 0.1) >= 1:
+        raise DataError(f"{spec}: val + test must be below 1 (the rest is the training split)")
+    for key in ("drop_bad", "drop_unpaired"):
+        if key in opts and opts[key].lower() not in ("0", "1", "true", "false", "yes", "no"):
+            raise DataError(f"{spec}: option {key}={opts[key]!r} must be 0 or 1")
+    for key in ("per_a", "per_audio", "fps"):
+        if key in opts and not (key != "fps" and opts[key] == "auto") and number(key, int) < 1:
+            raise DataError(f"{spec}: option {key}={opts[key]} must be an integer >= 1")
+    if name == "synthetic":
+        for key, value in opts.items():
+            kind = type(getattr(SyntheticConfig, key))
+            low = 0 if key == "seed" or kind is float else 1   # counts and sizes >= 1; energies >= 0
+            if number(key, kind) < low:
+                raise DataError(f"{spec}: option {key}={value} must be >= {low}")
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -73,10 +110,11 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 def load(spec: str, pair: str) -> Dataset:
     """Load and validate a dataset from a spec; raises DataError with a one-line message."""
     name, opts = parse_spec(spec)
+    check_options(name, opts, spec)
     ds = LOADERS[name](opts, pair, spec)
     ds.spec = spec
     return ds
 
 
-__all__ = ["DataError", "Dataset", "Split", "Rows", "LOADERS", "load", "parse_spec", "synthetic_dataset",
+__all__ = ["DataError", "Dataset", "Split", "Rows", "LOADERS", "OPTIONS", "check_options", "load", "parse_spec", "synthetic_dataset",
            "SyntheticSpace", "SyntheticConfig"]

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffgap import atomic_write
+
 from .arrays import read_named
 from .base import DataError
 
@@ -157,9 +159,9 @@ def read_cache(path: str, encoder: str) -> tuple[list[str], list[np.ndarray]]:
 
 
 def write_cache(path: str, ids: list[str], rows: list[np.ndarray], encoder: str) -> None:
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, emb=np.stack(rows).astype(np.float32), ids=np.array(ids), encoder=np.array(encoder))
-    os.replace(tmp, path)
+    """Rewrite the cache atomically and durably (temp file, fsync, rename, fsync of the folder)."""
+    atomic_write(path, lambda f: np.savez(f, emb=np.stack(rows).astype(np.float32), ids=np.array(ids),
+                                          encoder=np.array(encoder)))
 
 
 def extract(audio_dir: str, out: str, encoder, batch_size: int = 16, save_every: int = 50) -> int:
@@ -197,6 +199,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.out.endswith(".npz"):
         p.error("--out must be a .npz file")
+    for name in ("batch_size", "save_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         encoder = ENCODERS[args.encoder](args)
         added = extract(args.audio_dir, args.out, encoder, args.batch_size, args.save_every)

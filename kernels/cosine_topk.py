@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, fp32_dot_precision
 
 
 def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def cosine_topk_torch(queries: torch.Tensor, gallery: torch.Tensor, k: int, budg
 @triton.jit
 def _cosine_topk_kernel(q_ptr, g_ptr, qinv_ptr, ginv_ptr, out_v_ptr, out_i_ptr, M, N, D, slice_len,
                         stride_qm, stride_qd, stride_gn, stride_gd,
-                        K: tl.constexpr, KP: tl.constexpr, DOT_FP32: tl.constexpr,
+                        K: tl.constexpr, KP: tl.constexpr, CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, pid_s = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -85,9 +85,9 @@ def _cosine_topk_kernel(q_ptr, g_ptr, qinv_ptr, ginv_ptr, out_v_ptr, out_i_ptr, 
                         mask=(rm[:, None] < M) & (rd[None, :] < D), other=0.0)
             g = tl.load(g_ptr + rn[None, :] * stride_gn + rd[:, None] * stride_gd,
                         mask=(rn[None, :] < N) & (rd[:, None] < D), other=0.0)
-            if DOT_FP32:
+            if CAST_FP32:
                 q, g = q.to(tl.float32), g.to(tl.float32)
-            acc += tl.dot(q, g)
+            acc += tl.dot(q, g, input_precision=PRECISION)
         ginv = tl.load(ginv_ptr + rn, mask=rn < N, other=0.0)
         s = acc * qinv[:, None] * ginv[None, :]
         s = tl.where((rn[None, :] < N) & (rn[None, :] < start + slice_len), s, float("-inf"))
@@ -110,13 +110,38 @@ def _cosine_topk_kernel(q_ptr, g_ptr, qinv_ptr, ginv_ptr, out_v_ptr, out_i_ptr, 
     tl.store(out_i_ptr + offs, best_i, mask=keep)
 
 
+K_MAX = 32  # larger k: the running top-k no longer fits in registers; such calls take the torch path
+
+
+def topk_config(M: int, D: int, k: int, dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
+    """The kernel's constexprs and num_warps for M queries of dim D, top-k, input dtype.
+
+    The launcher and the compile tests / resource report (kernels/aot.py) both call this, so
+    what is checked for the GPU is what runs on it. GPU tiles were chosen from that report
+    (README, Kernels): the running top-k keeps a (BLOCK_M, KP) value and index array live beside
+    the (BLOCK_M, BLOCK_N) score tile, and 64 x 64 x 64 tiles with 4 warps sat at the 255-register
+    cap and spilled. fp32 (an IEEE dot on CUDA cores) takes 16 query rows per program; fp16/bf16
+    (tensor cores) take 32 with 8 warps. No config spills on sm_80 or sm_90, for any k <= K_MAX.
+    """
+    if interpret:
+        BM, BN, BD, warps = 32, 128, 128, 4       # the interpreter's cost is per program and loop step
+    elif dtype == torch.float32:
+        BM, BN, BD, warps = 16, 64, 64, 4
+    else:
+        BM, BN, BD, warps = 32, 64, 64, 8
+    return dict(K=k, KP=triton.next_power_of_2(k), CAST_FP32=interpret or dtype == torch.float32,
+                PRECISION=fp32_dot_precision(), BLOCK_M=min(BM, max(16, triton.next_power_of_2(M))), BLOCK_N=BN,
+                BLOCK_D=min(BD, max(16, triton.next_power_of_2(D))), num_warps=warps)
+
+
 def cosine_topk_triton(queries: torch.Tensor, gallery: torch.Tensor, k: int, slice_len: int | None = None):
     M, D = queries.shape
     N = gallery.shape[0]
     k = min(k, N)
-    BM, BN, BD = (32, 128, 128) if INTERPRET else (64, 64, 64)
-    BM = min(BM, max(16, triton.next_power_of_2(M)))
-    BD = min(BD, max(16, triton.next_power_of_2(D)))
+    if k > K_MAX:
+        return cosine_topk_torch(queries, gallery, k)
+    cfg = topk_config(M, D, k, queries.dtype)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if slice_len is None:  # enough slices to fill the GPU, each a whole number of tiles
         slice_len = BN * max(1, triton.cdiv(triton.cdiv(N, BN), max(1, 512 // triton.cdiv(M, BM))))
     slice_len = triton.cdiv(slice_len, BN) * BN
@@ -125,9 +150,7 @@ def cosine_topk_triton(queries: torch.Tensor, gallery: torch.Tensor, k: int, sli
     out_i = torch.empty(M, n_slices, k, device=queries.device, dtype=torch.int32)
     _cosine_topk_kernel[(triton.cdiv(M, BM), n_slices)](
         queries, gallery, _inverse_norms(queries), _inverse_norms(gallery), out_v, out_i, M, N, D, slice_len,
-        queries.stride(0), queries.stride(1), gallery.stride(0), gallery.stride(1),
-        K=k, KP=triton.next_power_of_2(k), DOT_FP32=INTERPRET or queries.dtype == torch.float32,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+        queries.stride(0), queries.stride(1), gallery.stride(0), gallery.stride(1), **cfg)
     return _merge(out_v.reshape(M, -1), out_i.reshape(M, -1).long(), k)
 
 

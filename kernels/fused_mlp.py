@@ -20,14 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, fp32_dot_precision
 
 
 @triton.jit
 def _fused_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, y_ptr, z_ptr, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tn, stride_ym, stride_yn,
                       TEMB_ROWS: tl.constexpr, STORE_Z: tl.constexpr, CAST_TILES: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -42,7 +42,7 @@ def _fused_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, y_ptr, z_ptr, M, N, K,
                     mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
         if CAST_TILES:  # the interpreter's bf16 dot is wrong; fp32 tiles are exact there
             x, w = x.to(ACC), w.to(ACC)
-        acc += tl.dot(x, w)
+        acc += tl.dot(x, w, input_precision=PRECISION)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     z = acc + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(ACC)[None, :]
     if TEMB_ROWS:
@@ -77,14 +77,22 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _blocks(M: int, N: int, K: int):
-    """Tile sizes: big tiles under the interpreter (its cost is per program and loop step)."""
-    if INTERPRET:
-        bm, bn, bk = 64, 128, 128
-    else:
-        bm, bn, bk = 64, 64, 32
-    return (min(bm, triton.next_power_of_2(M)), min(bn, triton.next_power_of_2(N)),
-            max(16, min(bk, triton.next_power_of_2(K))))
+def fused_config(M: int, N: int, K: int, dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
+    """The forward kernel's constexprs and num_warps for x (M, K), W (N, K) of dtype.
+
+    Big tiles under the interpreter (its cost is per program and loop step). The launcher and
+    the compile tests / resource report (kernels/aot.py) share this function.
+    """
+    bm, bn, bk = (64, 128, 128) if interpret else (64, 64, 32)
+    return dict(CAST_TILES=interpret or dtype == torch.float32, ACC=_acc(dtype), PRECISION=fp32_dot_precision(),
+                BLOCK_M=min(bm, triton.next_power_of_2(M)), BLOCK_N=min(bn, triton.next_power_of_2(N)),
+                BLOCK_K=max(16, min(bk, triton.next_power_of_2(K))), num_warps=4)
+
+
+def backward_config(M: int, N: int, dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
+    """The backward kernel's constexprs: the forward's row and column tiles (K plays no part)."""
+    fwd = fused_config(M, N, 1, dtype, interpret)
+    return dict(ACC=fwd["ACC"], BLOCK_M=fwd["BLOCK_M"], BLOCK_N=fwd["BLOCK_N"], num_warps=4)
 
 
 def fused_forward(x, weight, bias, temb, store_z: bool):
@@ -93,14 +101,12 @@ def fused_forward(x, weight, bias, temb, store_z: bool):
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     z = torch.empty_like(y) if store_z else y  # z_ptr is never written when store_z is False
     rows = temb.dim() == 2
-    BM, BN, BK = _blocks(M, N, K)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    cfg = fused_config(M, N, K, x.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _fused_fwd_kernel[grid](x, weight, bias, temb, y, z, M, N, K,
                             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
                             temb.stride(0) if rows else 0, temb.stride(-1), y.stride(0), y.stride(1),
-                            TEMB_ROWS=rows, STORE_Z=store_z, CAST_TILES=INTERPRET or x.dtype == torch.float32,
-                            ACC=_acc(x.dtype),
-                            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+                            TEMB_ROWS=rows, STORE_Z=store_z, **cfg)
     return y, (z if store_z else None)
 
 
@@ -109,10 +115,11 @@ def fused_backward_dz(dy, z):
     M, N = z.shape
     dy = dy.contiguous()
     dz = torch.empty_like(z)
-    BM, BN, _ = _blocks(M, N, 1)  # the forward's row and column tiles
-    part = torch.empty(triton.cdiv(M, BM), N, device=z.device, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
-    _fused_bwd_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](dy, z, dz, part, M, N, z.stride(0), z.stride(1),
-                                                               ACC=_acc(z.dtype), BLOCK_M=BM, BLOCK_N=BN)
+    cfg = backward_config(M, N, z.dtype)
+    row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    part = torch.empty(row_blocks, N, device=z.device, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
+    _fused_bwd_kernel[(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]))](dy, z, dz, part, M, N, z.stride(0), z.stride(1),
+                                                                    **cfg)
     return dz, part.sum(0)
 
 

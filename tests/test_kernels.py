@@ -154,7 +154,7 @@ def test_end_to_end_triton_matches_torch():
                     blk.fc2.weight.normal_(0, 0.2)
             a, b = torch.randn(16, 24), torch.randn(16, 24)
             opt = dg.make_optimizer(model, 1e-2)
-            loss = next(dg.train_steps(model, a, b, opt, 1, 16, generator=torch.Generator().manual_seed(0)))["loss"]
+            loss = next(dg.train_steps(model, a, b, opt, 1, 16, seed=0))["loss"].item()
             out = model.sample(b[:6], 0, steps=5, use_ema=False, generator=torch.Generator().manual_seed(0))
             results[mode] = (loss, out, [p.detach().clone() for p in model.net.parameters()])
         finally:
