@@ -74,7 +74,7 @@ def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:
         raise ValueError(f"{args.cond}: condition dim {cond.shape[1]}, but the checkpoint expects {want}")
     g = torch.Generator(device=device).manual_seed(args.seed)
     kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance, generator=g)
-    out = torch.stack([model.sample(cond.to(device), direction, **kw) for _ in range(args.num_samples)]).mean(0)
+    out = model.sample_many(cond.to(device), direction, args.num_samples, **kw).mean(0)
     save_npy(args.out, torch.nn.functional.normalize(out, dim=-1))
     print(f"wrote {args.out}: {tuple(out.shape)} unit-norm embeddings "
           f"(mean of {args.num_samples} samples, {args.steps} {args.sampler} steps)")

@@ -4,6 +4,7 @@
     python train.py --pair audio-text --data pairs.npz
     python train.py --pair audio-text --data clap:audio=audio.npy,text=text.npy
     python train.py --pair audio-video --resume        # continue runs/audio-video/ckpt.pt
+    torchrun --standalone --nproc_per_node 2 train.py --pair audio-video   # data parallel, same result
 
 Writes runs/<pair>/ckpt.pt (atomically, fsynced) at every epoch end, every --save-every-min
 minutes, at the end, and on Ctrl-C or SIGTERM, then prints contrastive vs diffgap retrieval on
@@ -77,6 +78,7 @@ RUN_OPTIONS = {  # option: (default, where the checkpoint keeps it)
     "ema_decay": (0.999, lambda c: c["config"]["ema_decay"]),
     "switch_every": (500, lambda c: c["config"]["switch_every"]),
     "no_direction_embedding": (False, lambda c: not c["config"]["direction_embedding"]),
+    "compile": (False, lambda c: c.get("compile", False)),   # compiled kernels round differently
 }
 
 
@@ -104,6 +106,9 @@ def parse_args(argv=None):
     p.add_argument("--no-direction-embedding", action="store_const", const=True, help="paper-faithful shared network")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged in the final evaluation")
     p.add_argument("--no-eval", action="store_true", help="skip the validation table at the end")
+    p.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the training loss: ~1.1x faster steps at batch 64 on a 2-core CPU after "
+                        "~25 s of compiling (once per direction); try it on long runs and other hardware")
     p.add_argument("--out", default="runs", help="checkpoints go to OUT/<pair>/ckpt.pt")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (default: OUT/<pair>/ckpt.pt); the run's settings come from it")
@@ -157,9 +162,34 @@ def retrieval_table(results: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device): torch.distributed under torchrun (WORLD_SIZE > 1), else (0, 1, device).
+
+    gloo on the CPU, nccl on CUDA (one GPU per process, LOCAL_RANK). diffgap.py itself never
+    needs torch.distributed: the plumbing is here.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = pick_device(args.device)
+    rank, world, device = init_distributed(pick_device(args.device))
+    try:
+        return train(args, rank, world, device)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def train(args, rank: int, world: int, device: torch.device) -> int:
+    say = print if rank == 0 else (lambda *a, **k: None)   # rank 0 alone prints, saves and evaluates
     dg.KERNELS = args.kernels
     ckpt_path = os.path.join(args.out, args.pair, "ckpt.pt")
 
@@ -185,6 +215,14 @@ def main(argv=None) -> int:
     else:
         check_dims(data, model)
     model.to(device)
+    if args.compile:  # falls back to eager for anything the compiler cannot handle
+        torch._dynamo.config.suppress_errors = True
+        model.loss = torch.compile(model.loss, dynamic=False)
+    ddp = None
+    if world > 1:  # averages the gradients of the ranks' slices; the buffers are constants
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model.net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=model.config.dim_a != model.config.dim_b)   # per-modality adapters idle by turns
     optimizer = dg.make_optimizer(model, args.lr)
     start_step = 0
     if ckpt is not None:
@@ -192,16 +230,26 @@ def main(argv=None) -> int:
         start_step = ckpt["step"]
 
     total = args.epochs * per_epoch
-    print(data.summary())
-    print(f"model: {model.num_params():,} parameters ({model.num_params() * 4 / 1e6:.2f} MB fp32), "
-          f"objective {model.config.objective}, {model.config.schedule} schedule, T={model.config.timesteps}, "
-          f"switch every {model.config.switch_every} steps; {total} steps ({args.epochs} epochs x {per_epoch} "
-          f"batches of {args.batch_size}) on {device}" + (f", resuming at step {start_step}" if ckpt else ""))
+    say(data.summary())
+    say(f"model: {model.num_params():,} parameters ({model.num_params() * 4 / 1e6:.2f} MB fp32), "
+        f"objective {model.config.objective}, {model.config.schedule} schedule, T={model.config.timesteps}, "
+        f"switch every {model.config.switch_every} steps; {total} steps ({args.epochs} epochs x {per_epoch} "
+        f"batches of {args.batch_size}) on {device}" + (f" x {world} processes" if world > 1 else "")
+        + (f", resuming at step {start_step}" if ckpt else ""))
 
     def save(step: int) -> None:
-        dg.save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=step, pair=args.pair,
-                           data=data.spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                           seed=args.seed, direction=args.direction)
+        if rank == 0:
+            dg.save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=step, pair=args.pair,
+                               data=data.spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               seed=args.seed, direction=args.direction, compile=args.compile)
+
+    def should_stop() -> bool:
+        """Whether any rank was asked to stop; under torchrun all ranks must stop at the same step."""
+        if world == 1:
+            return bool(stop)
+        flag = torch.tensor([len(stop)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     # Ctrl-C and SIGTERM (what schedulers send) ask the loop to stop after the step in flight,
     # so the checkpoint never holds a half-applied update; a second Ctrl-C stops at once.
@@ -211,11 +259,12 @@ def main(argv=None) -> int:
             raise KeyboardInterrupt
         stop.append(signum)
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    step, last_save = start_step, time.monotonic()
-    bar = tqdm(total=total, initial=start_step, unit="it", mininterval=0.5)
+    step, last_save, stopped = start_step, time.monotonic(), False
+    bar = tqdm(total=total, initial=start_step, unit="it", mininterval=0.5, disable=rank != 0)
     try:
         for stats in dg.train_steps(model, a, b, optimizer, max(0, total - start_step), args.batch_size,
-                                    start_step=start_step, direction=args.direction, seed=args.seed):
+                                    start_step=start_step, direction=args.direction, seed=args.seed,
+                                    share=(rank, world), net=ddp):
             step = stats["step"]
             bar.update(1)
             if step % 20 == 0:
@@ -223,18 +272,21 @@ def main(argv=None) -> int:
             if step % per_epoch == 0 or time.monotonic() - last_save >= 60 * args.save_every_min:
                 save(step)
                 last_save = time.monotonic()
-            if stop:
+            if should_stop():
+                stopped = True
                 break
     finally:
         bar.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     save(step)
-    if stop:
-        print(f"interrupted at step {step}; saved {ckpt_path} (continue with --resume)")
-        return 128 + stop[0]
-    print(f"saved {ckpt_path} at step {step}")
-    if args.no_eval:
+    if stopped:
+        say(f"interrupted at step {step}; saved {ckpt_path} (continue with --resume)")
+        return 128 + (stop[0] if stop else signal.SIGTERM)
+    say(f"saved {ckpt_path} at step {step}")
+    if world > 1:
+        torch.distributed.barrier()   # the checkpoint is complete before any rank leaves
+    if args.no_eval or rank != 0:
         return 0
 
     model.eval()
@@ -245,7 +297,7 @@ def main(argv=None) -> int:
         results[d], _ = dg.evaluate_retrieval(model, q, g, rel, d, num_samples=args.num_samples, steps=5,
                                               guidance=rank_guidance(model, args.rank_guidance))
         results[d].pop("blend", None)
-    print(retrieval_table(results, f"validation retrieval (%), 5 DDIM steps, K={args.num_samples} samples averaged, "
+    say(retrieval_table(results, f"validation retrieval (%), 5 DDIM steps, K={args.num_samples} samples averaged, "
                                    f"guidance {rank_guidance(model, args.rank_guidance):g} ({time.time() - t0:.1f} s):"))
     return 0
 

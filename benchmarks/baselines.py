@@ -130,9 +130,10 @@ class MLPBaseline(dg.DiffGAP):
         if self.ema is not None:
             self.ema.load_state_dict(self.net.state_dict())
 
-    def loss(self, target: torch.Tensor, cond: torch.Tensor, direction: int, generator=None) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, direction: int, generator=None, share=(0, 1),
+             net=None) -> torch.Tensor:
         tgt, src = (0, 1) if direction == 0 else (1, 0)
-        pred = self.net(self.to_diffusion(cond, src), direction)
+        pred = (net or self.net)(self.to_diffusion(cond, src), direction)
         return F.mse_loss(pred, self.to_diffusion(target, tgt))
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ checkpoint is given; nothing is ever downloaded.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -158,15 +159,34 @@ def read_cache(path: str, encoder: str) -> tuple[list[str], list[np.ndarray]]:
     return [str(i) for i in found["ids"]], list(found["emb"])
 
 
-def write_cache(path: str, ids: list[str], rows: list[np.ndarray], encoder: str) -> None:
-    """Rewrite the cache atomically and durably (temp file, fsync, rename, fsync of the folder)."""
-    atomic_write(path, lambda f: np.savez(f, emb=np.stack(rows).astype(np.float32), ids=np.array(ids),
-                                          encoder=np.array(encoder)))
+def write_cache(path: str, ids: list[str], rows: list[np.ndarray], encoder: str,
+                shard: tuple[int, int] | None = None) -> None:
+    """Rewrite the cache atomically and durably (temp file, fsync, rename, fsync of the folder).
+
+    A shard's part also records which shard it is ("i/n"), so that merge() can check the parts.
+    """
+    emb = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    extra = {} if shard is None else {"shard": np.array(f"{shard[0]}/{shard[1]}")}
+    atomic_write(path, lambda f: np.savez(f, emb=emb, ids=np.array(ids, dtype=str), encoder=np.array(encoder), **extra))
 
 
-def extract(audio_dir: str, out: str, encoder, batch_size: int = 16, save_every: int = 50) -> int:
-    """Embed every audio file not yet in `out`; returns how many were added."""
+def in_shard(file_id: str, shard: tuple[int, int]) -> bool:
+    """Whether a file belongs to shard (i, n): a stable hash of its id, so adding files moves none."""
+    i, n = shard
+    return int.from_bytes(hashlib.blake2b(file_id.encode(), digest_size=8).digest(), "little") % n == i
+
+
+def part_path(out: str, shard: tuple[int, int]) -> str:
+    """Where shard (i, n) of cache `out` is written: CACHE.npz -> CACHE.part-i-of-n.npz."""
+    return f"{out[:-len('.npz')]}.part-{shard[0]}-of-{shard[1]}.npz"
+
+
+def extract(audio_dir: str, out: str, encoder, batch_size: int = 16, save_every: int = 50,
+            shard: tuple[int, int] | None = None) -> int:
+    """Embed every audio file not yet in `out` (of shard (i, n) only, if given); returns how many were added."""
     files = find_audio(audio_dir)
+    if shard is not None:
+        files = [(i, p) for i, p in files if in_shard(i, shard)]
     ids, rows = read_cache(out, encoder.name)
     done = set(ids)
     todo = [(i, p) for i, p in files if i not in done]
@@ -180,18 +200,70 @@ def extract(audio_dir: str, out: str, encoder, batch_size: int = 16, save_every:
             ids += [i for i, _ in batch]
             rows += list(emb)
             if (n + 1) % save_every == 0:
-                write_cache(out, ids, rows, encoder.name)
+                write_cache(out, ids, rows, encoder.name, shard)
                 saved = len(ids)
     finally:  # keep what was embedded, even when a file fails or on Ctrl-C
-        if len(ids) > saved:
-            write_cache(out, ids, rows, encoder.name)
+        if len(ids) > saved or (shard is not None and not os.path.exists(out)):   # an empty shard still says so
+            write_cache(out, ids, rows, encoder.name, shard)
     return len(todo)
+
+
+def merge(parts: list[str], out: str, audio_dir: str | None = None) -> int:
+    """Join shard caches into `out`, rows sorted by id (as one process writes them); returns the row count.
+
+    Refuses parts from different encoders or of different shard counts, a shard given twice or
+    missing, an id in two parts, and (with audio_dir) any audio file that no part holds.
+    """
+    encoders, shards, ids, rows, owner = set(), {}, [], [], {}
+    for path in parts:
+        found = read_named(path, ["emb", "ids", "encoder", "shard"])
+        encoders.add(str(found["encoder"]))
+        i, n = (int(x) for x in str(found["shard"]).split("/"))
+        if (i, n) in shards:
+            raise DataError(f"{path}: shard {i}/{n} is also in {shards[(i, n)]}")
+        shards[(i, n)] = path
+        for file_id, row in zip((str(x) for x in found["ids"]), found["emb"]):
+            if file_id in owner:
+                raise DataError(f"{path}: id {file_id!r} is also in {owner[file_id]}")
+            owner[file_id] = path
+            ids.append(file_id)
+            rows.append(row)
+    if len(encoders) > 1:
+        raise DataError(f"{', '.join(parts)}: written by different encoders ({', '.join(sorted(encoders))})")
+    counts = {n for _, n in shards}
+    if len(counts) > 1:
+        raise DataError(f"{', '.join(parts)}: parts of different shard counts ({', '.join(map(str, sorted(counts)))})")
+    n = counts.pop()
+    missing = sorted(set(range(n)) - {i for i, _ in shards})
+    if missing:
+        raise DataError(f"shard {missing[0]}/{n} is missing: give all {n} parts ({part_path(out, (missing[0], n))})")
+    if audio_dir is not None:
+        absent = [i for i, _ in find_audio(audio_dir) if i not in owner]
+        if absent:
+            raise DataError(f"{audio_dir}: {len(absent)} files are in no part, e.g. {', '.join(absent[:3])}")
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    write_cache(out, [ids[k] for k in order], [rows[k] for k in order], encoders.pop())
+    return len(ids)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """--shard I/N, or torchrun's RANK / WORLD_SIZE when launched by it, or None (one process)."""
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ["RANK"]), world) if world > 1 else None
+    i, sep, n = text.partition("/")
+    if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise DataError(f"--shard {text}: use I/N with 0 <= I < N, e.g. --shard 0/4")
+    return int(i), int(n)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--audio-dir", required=True)
-    p.add_argument("--out", required=True, help="cache .npz (resumed when it exists)")
+    p.add_argument("--audio-dir", help="folder of audio files (with --merge: check that every file is in a part)")
+    p.add_argument("--out", required=True, help="cache .npz (resumed when it exists); a shard writes OUT.part-I-of-N.npz")
+    p.add_argument("--shard", help="I/N: embed only shard I of N (a stable split by file id); default under "
+                                   "torchrun: RANK/WORLD_SIZE")
+    p.add_argument("--merge", nargs="+", metavar="PART", help="join shard parts into --out instead of embedding")
     p.add_argument("--encoder", choices=sorted(ENCODERS), default="logmel")
     p.add_argument("--checkpoint", help="local weights for --encoder clap")
     p.add_argument("--batch-size", type=int, default=16)
@@ -203,13 +275,21 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
+        if args.merge:
+            rows = merge(args.merge, args.out, args.audio_dir)
+            print(f"{args.out}: {rows} embeddings from {len(args.merge)} parts")
+            return 0
+        if not args.audio_dir:
+            p.error("--audio-dir is required (unless --merge)")
+        shard = parse_shard(args.shard)
+        out = args.out if shard is None else part_path(args.out, shard)
         encoder = ENCODERS[args.encoder](args)
-        added = extract(args.audio_dir, args.out, encoder, args.batch_size, args.save_every)
+        added = extract(args.audio_dir, out, encoder, args.batch_size, args.save_every, shard)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    total = len(read_cache(args.out, encoder.name)[0])
-    print(f"{args.out}: {total} embeddings ({added} new, {total - added} already there), encoder {encoder.name}")
+    total = len(read_cache(out, encoder.name)[0])
+    print(f"{out}: {total} embeddings ({added} new, {total - added} already there), encoder {encoder.name}")
     return 0
 
 

@@ -45,19 +45,50 @@ def _merge(vals: torch.Tensor, idx: torch.Tensor, k: int):
     return vals.gather(1, order), idx.gather(1, order)
 
 
-def cosine_topk_torch(queries: torch.Tensor, gallery: torch.Tensor, k: int, budget_bytes: int = 64 << 20):
-    """The chunked torch path: running top-k over gallery chunks of at most budget_bytes of scores."""
+def _chunk_topk(s: torch.Tensor, k: int):
+    """The k best of each row of a score chunk s (M, C) by (value descending, index ascending).
+
+    torch.topk is fast but orders equal values arbitrarily. Asking it for k + 1 says where that
+    matters: when the (k+1)-th value is below the k-th, the k returned are exactly the values
+    >= the k-th, and only their order needs fixing (a sort of (M, k)); rows where the two are
+    equal (a tie across the k-th place, e.g. duplicated gallery items) are redone with a full
+    (value, index) sort of that row.
+    """
+    M, C = s.shape
+    if C <= k:
+        return _merge(s, torch.arange(C, device=s.device).expand(M, C), C)
+    v, i = torch.topk(s, k + 1, dim=1)                                   # (M, k+1), value descending
+    tied = (v[:, k] == v[:, k - 1]).nonzero().flatten()
+    v, i = _merge(v[:, :k], i[:, :k], k)
+    if len(tied):
+        v[tied], i[tied] = _merge(s[tied], torch.arange(C, device=s.device).expand(len(tied), C), k)
+    return v, i
+
+
+def cosine_topk_torch(queries: torch.Tensor, gallery: torch.Tensor, k: int, budget_bytes: int = 16 << 20):
+    """The chunked torch path: a running top-k over gallery chunks of at most budget_bytes of scores.
+
+    Chunks of a few thousand rows keep the (M, C) score block in cache, and one score buffer is
+    reused: a fresh multi-MB block per chunk costs page faults. Memory is O(M (C + k) + C D)
+    whatever the gallery size. On 2 CPU cores this runs at ~1.2x faiss-cpu's IndexFlatIP
+    (README, Kernels); the matmuls alone take ~1.05x.
+    """
     M, N = queries.shape[0], gallery.shape[0]
     k = min(k, N)
-    q = _unit(queries)
-    chunk = max(k, budget_bytes // (4 * max(M, 1)))
-    best_v = torch.full((M, 0), float("-inf"), device=queries.device)
-    best_i = torch.zeros((M, 0), dtype=torch.long, device=queries.device)
+    q = _unit(queries)                                                   # (M, D), normalised once
+    chunk = min(8192, budget_bytes // (4 * max(M, 1)))
+    if chunk >= 512:  # the CPU GEMM runs ~35% slower at 4,194 gallery rows than at 4,096
+        chunk -= chunk % 512
+    chunk = max(k + 1, chunk)
+    scores = torch.empty(M, chunk, device=q.device)
+    best_v = torch.empty(M, 0, device=q.device)
+    best_i = torch.empty(M, 0, dtype=torch.long, device=q.device)
     for start in range(0, N, chunk):
-        g = gallery[start:start + chunk]
-        s = q @ _unit(g).T                                                 # (M, chunk)
-        v, i = _merge(s, torch.arange(start, start + len(g), device=s.device).expand(M, -1), k)
-        best_v, best_i = _merge(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k)
+        g = _unit(gallery[start:start + chunk])                         # (C, D)
+        s = torch.mm(q, g.T, out=scores) if len(g) == chunk else q @ g.T  # (M, C)
+        v, i = _chunk_topk(s, k)
+        # the running best holds only lower indices, so _merge's (value, index) order is exact
+        best_v, best_i = _merge(torch.cat([best_v, v], 1), torch.cat([best_i, i + start], 1), k)
     return best_v, best_i
 
 

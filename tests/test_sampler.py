@@ -76,8 +76,9 @@ def test_classifier_free_guidance():
     cond_pred = model.net(x, t, c, 0)
     null_pred = model.net(x, t, c, 0, torch.ones(5, dtype=torch.bool))
     assert not torch.allclose(cond_pred, null_pred)
-    assert torch.allclose(model._predict(model.net, x, 400, c, 0, 1.0), cond_pred)
-    assert torch.allclose(model._predict(model.net, x, 400, c, 0, 3.0), null_pred + 3.0 * (cond_pred - null_pred), atol=1e-5)
+    predict = lambda s: model._predict(model.net, x, 400, model._condition(model.net, c, 0, s), 0, s)
+    assert torch.allclose(predict(1.0), cond_pred)
+    assert torch.allclose(predict(3.0), null_pred + 3.0 * (cond_pred - null_pred), atol=1e-5)
     # dropping only some rows leaves the others' predictions unchanged
     mixed = model.net(x, t, c, 0, torch.tensor([True, False, True, False, False]))
     assert torch.allclose(mixed[1], cond_pred[1]) and torch.allclose(mixed[0], null_pred[0])
