@@ -182,13 +182,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, device = init_distributed(pick_device(args.device))
     try:
-        return train(args, rank, world, device)
+        return run_training(args, rank, world, device)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
 
 
-def train(args, rank: int, world: int, device: torch.device) -> int:
+def run_training(args, rank: int, world: int, device: torch.device) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)   # rank 0 alone prints, saves and evaluates
     dg.KERNELS = args.kernels
     ckpt_path = os.path.join(args.out, args.pair, "ckpt.pt")
