@@ -76,6 +76,10 @@ def check_options(name: str, opts: dict, spec: str) -> None:
             low = 0 if key == "seed" or kind is float else 1   # counts and sizes >= 1; energies >= 0
             if number(key, kind) < low:
                 raise DataError(f"{spec}: option {key}={value} must be >= {low}")
+        cfg = SyntheticConfig(**{k: type(getattr(SyntheticConfig, k))(v) for k, v in opts.items()})
+        if cfg.dim < cfg.rank + 2 or cfg.nuisance_rank > cfg.rank:   # coordinates 0, 1: cone and gap
+            raise DataError(f"{spec}: the synthetic layout needs dim >= rank + 2 and nuisance_rank <= rank "
+                            f"(got dim={cfg.dim}, rank={cfg.rank}, nuisance_rank={cfg.nuisance_rank})")
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
