@@ -556,8 +556,10 @@ def _map_at_10(hits: torch.Tensor, n_rel: torch.Tensor) -> float:
 
 @torch.no_grad()
 def retrieval_metrics_from_embeddings(queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
-                                      ks=(1, 5, 10), chunk: int = 8192) -> dict[str, float]:
+                                      ks=(1, 5, 10), chunk: int = 8192, return_ranks: bool = False):
     """retrieval_metrics(cosine_scores(queries, gallery), relevant) without the (Q, G) score matrix.
+
+    return_ranks: also return each query's rank of its best correct item, (Q,) int, 1-based.
 
     Each query's rank is counted chunk by chunk over the gallery (1 + the items that beat its
     best correct item, ties going to the lower index); the top-10 lists for mAP@10 come from
@@ -591,13 +593,25 @@ def retrieval_metrics_from_embeddings(queries: torch.Tensor, gallery: torch.Tens
     out["median_rank"] = first.float().quantile(0.5).item()
     if relevant.dtype != torch.bool:  # one correct item: AP@10 is 1/rank inside the top 10
         out["mAP@10"] = torch.where(first <= 10, 1.0 / first.float(), torch.zeros(Q, device=q.device)).mean().item()
-        return out
-    if _kernels is not None:
-        top = _kernels.cosine_topk(queries, gallery, min(10, G), backend="triton" if use_triton(queries) else "torch")[1]
     else:
-        top = torch.sort(cosine_scores(queries, gallery), dim=1, descending=True, stable=True).indices[:, :10]
-    out["mAP@10"] = _map_at_10(relevant.gather(1, top), relevant.sum(1))
-    return out
+        if _kernels is not None:
+            top = _kernels.cosine_topk(queries, gallery, min(10, G), backend="triton" if use_triton(queries) else "torch")[1]
+        else:
+            top = torch.sort(cosine_scores(queries, gallery), dim=1, descending=True, stable=True).indices[:, :10]
+        out["mAP@10"] = _map_at_10(relevant.gather(1, top), relevant.sum(1))
+    return (out, first) if return_ranks else out
+
+
+def bootstrap_interval(values: torch.Tensor, resamples: int = 1000, level: float = 0.95, seed: int = 0):
+    """Percentile bootstrap interval of the mean of per-query values (Q,), resampling queries.
+
+    For R@1 the values are each query's hit (rank == 1); for a difference of two scores on the
+    same queries, the per-query differences (a paired interval: it cancels query difficulty).
+    """
+    g = torch.Generator().manual_seed(seed)
+    means = values.float().cpu()[torch.randint(0, len(values), (resamples, len(values)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2]))
+    return lo.item(), hi.item()
 
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -627,14 +641,30 @@ def paired_cosine(x: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor
     return ((x * (rel @ gallery)).sum(1) / rel.sum(1)).mean().item()
 
 
+def two_way_embeddings(q: torch.Tensor, g_hat_q: torch.Tensor, g: torch.Tensor, q_hat_g: torch.Tensor):
+    """Query and gallery vectors whose inner product is the two-way score (DESIGN 4).
+
+    two-way(q, g) = cos(g_hat_q, g) + cos(q, q_hat_g): the query translated into the gallery's
+    modality, and each gallery item translated into the query's (the other direction, once per
+    gallery). The second term looks at p(q | g), the Bayes ranking, which a one-way score never
+    does. As [g_hat_q ; q] . [g ; q_hat_g] of unit halves, any inner-product index can serve it.
+    q (Q, D_q), g_hat_q (Q, D_g), g (G, D_g), q_hat_g (G, D_q) -> (Q, D_g + D_q), (G, D_g + D_q).
+    """
+    unit = lambda x: F.normalize(x.float(), dim=-1)
+    return torch.cat([unit(g_hat_q), unit(q)], dim=1), torch.cat([unit(g), unit(q_hat_g)], dim=1)
+
+
 @torch.no_grad()
 def evaluate_retrieval(model: DiffGAP, queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
-                       direction: int, num_samples: int = 16, blend: float = 0.5, **sample_kw):
-    """Retrieval with the three scores of DESIGN.md 4; returns ({score: metrics}, samples (K, Q, D)).
+                       direction: int, num_samples: int = 16, blend: float = 0.5, two_way: bool = True,
+                       **sample_kw):
+    """Retrieval with the scores of DESIGN.md 4; returns ({score: metrics}, samples (K, Q, D)).
 
     contrastive = cos(q, g); diffgap = cos(g_hat, g), g_hat the mean of K generated samples
     (averaging approximates the posterior mean E[g | q], which ranks far better than any one
-    sample); blend = (1 - blend) contrastive + blend diffgap. With unequal dims only diffgap.
+    sample); blend = (1 - blend) contrastive + blend diffgap; two-way (two_way_embeddings) also
+    samples K translations of every gallery item in the other direction. With unequal dims
+    contrastive and blend are left out.
     """
     samples = model.sample_many(queries, direction, num_samples, **sample_kw)           # (K, Q, D)
     q, g_hat = F.normalize(queries.float(), dim=-1), F.normalize(samples.mean(0), dim=-1)
@@ -642,7 +672,19 @@ def evaluate_retrieval(model: DiffGAP, queries: torch.Tensor, gallery: torch.Ten
     queries_by_score = {"diffgap": g_hat}
     if q.shape[1] == gallery.shape[1]:  # contrastive and blend need both modalities in one space
         queries_by_score = {"contrastive": q, "diffgap": g_hat, "blend": (1 - blend) * q + blend * g_hat}
-    return {name: retrieval_metrics_from_embeddings(x, gallery, relevant) for name, x in queries_by_score.items()}, samples
+    ranked = {name: retrieval_metrics_from_embeddings(x, gallery, relevant, return_ranks=True)
+              for name, x in queries_by_score.items()}
+    if two_way:
+        q_hat = model.sample_many(gallery, 1 - direction, num_samples, **sample_kw).mean(0)   # (G, D_q)
+        ranked["two-way"] = retrieval_metrics_from_embeddings(*two_way_embeddings(q, g_hat, gallery, q_hat), relevant,
+                                                              return_ranks=True)
+    # 95% bootstrap intervals over queries: of R@1, and (paired) of its gain over contrastive
+    for name, (metrics, ranks) in ranked.items():
+        metrics["R@1 lo"], metrics["R@1 hi"] = bootstrap_interval((ranks == 1).float())
+        if "contrastive" in ranked and name != "contrastive":
+            gain = (ranks == 1).float() - (ranked["contrastive"][1] == 1).float()
+            metrics["gain"], (metrics["gain lo"], metrics["gain hi"]) = gain.mean().item(), bootstrap_interval(gain)
+    return {name: metrics for name, (metrics, _) in ranked.items()}, samples
 
 
 # ----------------------------------------------------------------------------------------

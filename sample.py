@@ -5,8 +5,8 @@
     python sample.py --direction b2a --cond video.npy --out audio_hat.npy
 
 Evaluation prints, for each direction on the test split: R@1/5/10 for the contrastive,
-diffgap and blend scores (DESIGN.md 4), the Frechet distance and mean paired cosine of the
-generated embeddings (one sample per query), and samples per second. EMA weights are used.
+diffgap, blend and two-way scores (DESIGN.md 4), the Frechet distance and mean paired cosine of
+the generated embeddings (one sample per query), and samples per second. EMA weights are used.
 """
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         results[d], samples = dg.evaluate_retrieval(model, q, gal, rel, d, num_samples=args.num_samples,
                                                     blend=args.blend, guidance=rank_g, **kw)
-        rate = samples.shape[0] * samples.shape[1] / (time.perf_counter() - t0)
+        # samples drawn: K per query, and K per gallery item for the two-way score
+        rate = samples.shape[0] * (samples.shape[1] + gal.shape[0]) / (time.perf_counter() - t0)
         # generation quality of embeddings as --cond would write them (guidance --guidance)
         one = samples[0] if args.guidance == rank_g else model.sample(q, d, guidance=args.guidance, **kw)  # (Q, D)
         # the raw conditions against the same targets: the modality gap before DiffGAP
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
     print(f"{'direction':<10}{'FD gen':>10}{'FD cond':>14}{'paired cos':>12}{'samples/s':>12}")
     print("\n".join(quality))
     print("FD gen / FD cond: Frechet distance of the generated / the raw condition embeddings to the real targets;"
-          "\npaired cos: mean cosine of a generated embedding and its true pair(s); samples/s: retrieval samples incl. scoring.")
+          "\npaired cos: mean cosine of a generated embedding and its true pair(s); samples/s: retrieval samples (of the"
+          "\nqueries and, for two-way, of the gallery items) incl. scoring.")
     if data.oracle is not None:
         print("oracle: the synthetic generator's own likelihood ranking (a reference ceiling, not a model)")
     return 0

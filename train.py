@@ -153,12 +153,19 @@ def check_dims(data: embed_cache.Dataset, model: dg.DiffGAP) -> None:
 
 
 def retrieval_table(results: dict, title: str) -> str:
-    """results: {direction: {score name: metrics}} -> a small aligned text table."""
-    lines = [title, f"{'direction':<10}{'score':<13}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mAP@10':>8}{'medR':>7}"]
+    """results: {direction: {score name: metrics}} -> a small aligned text table.
+
+    Brackets hold 95% bootstrap intervals over queries (evaluate_retrieval) where present: of
+    R@1, and of the paired R@1 gain over contrastive on the same queries.
+    """
+    pct = lambda m, key: f"[{100 * m[key + ' lo']:.1f}, {100 * m[key + ' hi']:.1f}]" if key + " lo" in m else ""
+    lines = [title, f"{'direction':<10}{'score':<13}{'R@1':>7} {'95% CI':<14}{'R@5':>6}{'R@10':>7}{'mAP@10':>8}"
+                    f"{'medR':>6}  R@1 gain over contrastive"]
     for d, by_score in results.items():
         for name, m in by_score.items():
-            lines.append(f"{DIRECTIONS[d]:<10}{name:<13}{100 * m['R@1']:7.1f}{100 * m['R@5']:7.1f}"
-                         f"{100 * m['R@10']:7.1f}{100 * m['mAP@10']:8.1f}{m['median_rank']:7.0f}")
+            gain = f"{100 * m['gain']:+5.1f} {pct(m, 'gain')}" if "gain" in m else ""
+            lines.append(f"{DIRECTIONS[d]:<10}{name:<13}{100 * m['R@1']:7.1f} {pct(m, 'R@1'):<14}{100 * m['R@5']:6.1f}"
+                         f"{100 * m['R@10']:7.1f}{100 * m['mAP@10']:8.1f}{m['median_rank']:6.0f}  {gain}".rstrip())
     return "\n".join(lines)
 
 

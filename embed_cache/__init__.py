@@ -77,8 +77,8 @@ def check_options(name: str, opts: dict, spec: str) -> None:
             if number(key, kind) < low:
                 raise DataError(f"{spec}: option {key}={value} must be >= {low}")
         cfg = SyntheticConfig(**{k: type(getattr(SyntheticConfig, k))(v) for k, v in opts.items()})
-        if cfg.dim < cfg.rank + 2 or cfg.nuisance_rank > cfg.rank:   # coordinates 0, 1: cone and gap
-            raise DataError(f"{spec}: the synthetic layout needs dim >= rank + 2 and nuisance_rank <= rank "
+        if cfg.dim < cfg.rank + 2 or cfg.nuisance_rank > cfg.dim:   # coordinates 0, 1: cone and gap
+            raise DataError(f"{spec}: the synthetic layout needs dim >= rank + 2 and nuisance_rank <= dim "
                             f"(got dim={cfg.dim}, rank={cfg.rank}, nuisance_rank={cfg.nuisance_rank})")
 
 

@@ -84,3 +84,19 @@ def test_quick_tables_are_produced_and_well_formed(tmp_path):
             for c in cells:
                 # FD / paired cos do not exist for a blend of two scores
                 assert cell.match(c) or (c == "-" and "blend" in line), (title, line)
+
+
+def test_gaussian_plugin_ranks_by_the_conditional_log_likelihood():
+    """Differences across gallery items equal those of the exact log N(q; E[q | g], Cov(q | g))."""
+    from baselines import GaussianPlugIn
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(10, 10, generator=g, dtype=torch.float64) / 3
+    z = torch.randn(4000, 10, generator=g, dtype=torch.float64) @ L.T + torch.randn(10, generator=g, dtype=torch.float64)
+    plugin = GaussianPlugIn(z[:, :4], z[:, 4:]).fit(0.0)
+    mu, S = z.mean(0), torch.cov(z.T)
+    A = S[:4, 4:] @ torch.linalg.inv(S[4:, 4:])
+    q, gal = z[:7, :4], z[7:12, 4:]
+    mvn = torch.distributions.MultivariateNormal(mu[:4] + (gal - mu[4:]) @ A.T, S[:4, :4] - A @ S[4:, :4])
+    exact = mvn.log_prob(q[:, None, :])                                      # (7, 5)
+    got = plugin.scores(q, gal).double()
+    assert torch.allclose(got - got[:, :1], exact - exact[:, :1], atol=1e-3)

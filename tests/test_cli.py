@@ -51,9 +51,9 @@ def test_resume_continues_from_the_saved_step(trained, tmp_path):
 def test_sample_finds_the_checkpoint_and_reports_both_directions(trained):
     cwd, _ = trained
     out = run("sample.py", "--steps", "5", "--num-samples", "2", cwd=cwd).stdout
-    for row in ("B->A      diffgap", "B->A      blend", "A->B      contrastive", "A->B      oracle"):
+    for row in ("B->A      diffgap", "B->A      blend", "B->A      two-way", "A->B      contrastive", "A->B      oracle"):
         assert row in out
-    assert "samples/s" in out and "FD" in out
+    assert "samples/s" in out and "FD" in out and "95% CI" in out and "R@1 gain over contrastive" in out
     # the ranking samples are guided (the default), the generated embeddings are not
     assert "K=2 samples averaged, guidance 16," in out and "one sample per query, guidance 1)" in out
 

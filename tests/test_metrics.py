@@ -76,3 +76,30 @@ def test_frechet_distance_is_symmetric_for_non_commuting_covariances():
     y = torch.randn(400, 5) @ torch.randn(5, 5) + 0.5
     assert dg.frechet_distance(x, y) == pytest.approx(dg.frechet_distance(y, x), rel=1e-6)
     assert dg.frechet_distance(x, y) > 0
+
+
+@pytest.mark.parametrize("dims", [(16, 16), (16, 24)])   # the two halves may differ in dim
+def test_two_way_score_is_one_inner_product_and_ranks_like_the_dense_sum(dims):
+    d_q, d_g = dims
+    g = torch.Generator().manual_seed(0)
+    q, g_hat, gal, q_hat = (torch.randn(n, d, generator=g) for n, d in ((30, d_q), (30, d_g), (50, d_g), (50, d_q)))
+    qv, gv = dg.two_way_embeddings(q, g_hat, gal, q_hat)
+    assert qv.shape == (30, d_g + d_q) and gv.shape == (50, d_g + d_q)
+    dense = dg.cosine_scores(g_hat, gal) + dg.cosine_scores(q, q_hat)        # cos(g_hat_q, g) + cos(q, q_hat_g)
+    assert torch.allclose(qv @ gv.T, dense, atol=1e-5)
+    single = torch.randint(0, 50, (30,), generator=g)
+    many = torch.rand(30, 50, generator=g) < 0.1
+    many[torch.arange(30), single] = True
+    for relevant in (single, many):
+        # every row of the concatenation has norm sqrt(2), so the cosine ranking is the sum's
+        assert dg.retrieval_metrics_from_embeddings(qv, gv, relevant) == pytest.approx(
+            dg.retrieval_metrics(qv @ gv.T, relevant))
+
+
+def test_bootstrap_interval_covers_the_mean_with_the_binomial_width():
+    hits = (torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    lo, hi = dg.bootstrap_interval(hits)
+    assert lo < hits.mean().item() < hi
+    assert 0.045 < hi - lo < 0.07                   # 2 x 1.96 sqrt(0.3 x 0.7 / 1000) = 0.057
+    assert dg.bootstrap_interval(torch.ones(50)) == (1.0, 1.0)
+    assert dg.bootstrap_interval(hits) == (lo, hi)  # seeded: the same interval every time

@@ -116,7 +116,7 @@ BAD_TRAIN = [
     (["--data", "synthetic:n_train=100,vall=0.2"], "unknown synthetic option 'vall'"),
     (["--data", "synthetic:n_train=0"], "option n_train=0 must be >= 1"),
     (["--data", "synthetic:noise=-1"], "option noise=-1 must be >= 0"),
-    (["--data", "synthetic:dim=2"], "needs dim >= rank + 2 and nuisance_rank <= rank (got dim=2, rank=64"),
+    (["--data", "synthetic:dim=2"], "needs dim >= rank + 2 and nuisance_rank <= dim (got dim=2, rank=64"),
     (["--data", "synthetic:rank=600"], "needs dim >= rank + 2"),
     (["--data", "arrays:a=a.npy,b=b.npy,val=1.2"], "option val=1.2 must be in [0, 1)"),
     (["--data", "arrays:a=a.npy,b=b.npy,val=0.5,test=0.5"], "val + test must be below 1"),
