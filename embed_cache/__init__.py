@@ -25,9 +25,20 @@ from .folders import load_cavp, load_dirs
 from .synthetic import SyntheticConfig, SyntheticSpace, synthetic_dataset
 
 
+def _synthetic_kwargs(opts: dict, spec: str) -> dict:
+    """The synthetic options as SyntheticConfig's types; a value that is not a number is a DataError."""
+    typed = {}
+    for key, value in opts.items():
+        kind = type(getattr(SyntheticConfig, key))
+        try:
+            typed[key] = kind(value)
+        except ValueError:
+            raise DataError(f"{spec}: option {key}={value!r} needs {'an integer' if kind is int else 'a number'}") from None
+    return typed
+
+
 def _load_synthetic(opts: dict, pair: str, spec: str) -> Dataset:
-    # keys and ranges were checked by check_options
-    return synthetic_dataset(pair, **{k: type(getattr(SyntheticConfig, k))(v) for k, v in opts.items()})
+    return synthetic_dataset(pair, **_synthetic_kwargs(opts, spec))   # keys and ranges: check_options
 
 
 LOADERS = {"synthetic": _load_synthetic, "arrays": load_arrays, "clap": load_clap, "cavp": load_cavp,
@@ -71,12 +82,12 @@ def check_options(name: str, opts: dict, spec: str) -> None:
         if key in opts and not (key != "fps" and opts[key] == "auto") and number(key, int) < 1:
             raise DataError(f"{spec}: option {key}={opts[key]} must be an integer >= 1")
     if name == "synthetic":
-        for key, value in opts.items():
-            kind = type(getattr(SyntheticConfig, key))
-            low = 0 if key == "seed" or kind is float else 1   # counts and sizes >= 1; energies >= 0
-            if number(key, kind) < low:
-                raise DataError(f"{spec}: option {key}={value} must be >= {low}")
-        cfg = SyntheticConfig(**{k: type(getattr(SyntheticConfig, k))(v) for k, v in opts.items()})
+        typed = _synthetic_kwargs(opts, spec)
+        for key, value in typed.items():
+            low = 0 if key == "seed" or isinstance(value, float) else 1   # counts and sizes >= 1; energies >= 0
+            if value < low:
+                raise DataError(f"{spec}: option {key}={opts[key]} must be >= {low}")
+        cfg = SyntheticConfig(**typed)
         if cfg.dim < cfg.rank + 2 or cfg.nuisance_rank > cfg.dim:   # coordinates 0, 1: cone and gap
             raise DataError(f"{spec}: the synthetic layout needs dim >= rank + 2 and nuisance_rank <= dim "
                             f"(got dim={cfg.dim}, rank={cfg.rank}, nuisance_rank={cfg.nuisance_rank})")

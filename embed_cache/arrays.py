@@ -206,9 +206,14 @@ def norm_note(name: str, norms: np.ndarray) -> str:
 # Pairing and splitting
 # ----------------------------------------------------------------------------------------
 
+def id_hash(item_id: str) -> int:
+    """A stable 64-bit hash of an id (Python's hash() of a str changes with every process)."""
+    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
+
+
 def split_of(ids: list[str], val: float = 0.1, test: float = 0.1) -> np.ndarray:
     """0/1/2 (train/val/test) per id from a stable hash: adding ids never moves existing ones."""
-    u = np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") / 2**64 for i in ids])
+    u = np.array([id_hash(i) / 2**64 for i in ids])
     return (u >= 1 - val - test).astype(np.int64) + (u >= 1 - test).astype(np.int64)
 
 

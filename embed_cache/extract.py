@@ -19,7 +19,6 @@ checkpoint is given; nothing is ever downloaded.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import sys
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from diffgap import atomic_write
 
-from .arrays import read_named
+from .arrays import id_hash, read_named
 from .base import DataError
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg")
@@ -173,7 +172,7 @@ def write_cache(path: str, ids: list[str], rows: list[np.ndarray], encoder: str,
 def in_shard(file_id: str, shard: tuple[int, int]) -> bool:
     """Whether a file belongs to shard (i, n): a stable hash of its id, so adding files moves none."""
     i, n = shard
-    return int.from_bytes(hashlib.blake2b(file_id.encode(), digest_size=8).digest(), "little") % n == i
+    return id_hash(file_id) % n == i
 
 
 def part_path(out: str, shard: tuple[int, int]) -> str:
