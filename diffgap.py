@@ -6,7 +6,8 @@ CAVP embedding conditioned on the other's; one network serves both directions, t
 bidirectional split training (Algorithm 1: condition and target swap every m iterations).
 
 This file reads top to bottom: noise schedule, denoiser network, diffusion (loss and samplers),
-training loop, metrics, checkpoints. It needs only torch; copy it alone into another codebase.
+training loop, metrics and retrieval scores, checkpoints. It needs only torch; copy it alone
+into another codebase.
 
     python train.py --pair audio-video      # trains on the built-in synthetic embeddings
     python sample.py --steps 5              # 5-step DDIM, retrieval and generation metrics
@@ -417,6 +418,19 @@ class DiffGAP(nn.Module):
         return torch.cat(blocks, dim=1)
 
     @torch.no_grad()
+    def translate(self, cond: torch.Tensor, direction: int, num_samples: int = 16, max_rows: int = 4096,
+                  **sample_kw) -> torch.Tensor:
+        """The mean of num_samples samples per condition, (N, D_cond) -> (N, D_target).
+
+        The mean approximates the posterior mean E[target | cond], which ranks a gallery far
+        better than any one sample. Equal to sample_many(...).mean(0) (same random draws), with
+        memory bounded by max_rows rather than by K N.
+        """
+        n = max(1, max_rows // num_samples)
+        return torch.cat([self.sample_many(cond[i:i + n], direction, num_samples, max_rows, **sample_kw).mean(0)
+                          for i in range(0, cond.shape[0], n)])
+
+    @torch.no_grad()
     def update_ema(self, step: int) -> None:
         """EMA of the weights after optimiser step `step`; the decay warms up over early steps."""
         if self.ema is not None:
@@ -512,7 +526,8 @@ def make_optimizer(model: DiffGAP, lr: float = 2e-4) -> torch.optim.Optimizer:
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Metrics: retrieval (DESIGN.md section 4) and generation quality
+# 5. Metrics and scores: retrieval (DESIGN.md section 4), generation quality, the score
+#    a gallery is ranked by and its choice on validation
 # ----------------------------------------------------------------------------------------
 
 def cosine_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
@@ -641,50 +656,115 @@ def paired_cosine(x: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor
     return ((x * (rel @ gallery)).sum(1) / rel.sum(1)).mean().item()
 
 
-def two_way_embeddings(q: torch.Tensor, g_hat_q: torch.Tensor, g: torch.Tensor, q_hat_g: torch.Tensor):
-    """Query and gallery vectors whose inner product is the two-way score (DESIGN 4).
+# The scores a gallery can be ranked by (DESIGN 4), simplest first: a tie on validation goes to
+# the simpler one. A blend weighs a learned score against contrastive: (1 - lam) cos(q, g) + lam
+# learned(q, g); BLEND_WEIGHTS is the grid of lam that `--score auto` tries.
+BLEND_WEIGHTS = (0.25, 0.5, 0.75)
 
-    two-way(q, g) = cos(g_hat_q, g) + cos(q, q_hat_g): the query translated into the gallery's
-    modality, and each gallery item translated into the query's (the other direction, once per
-    gallery). The second term looks at p(q | g), the Bayes ranking, which a one-way score never
-    does. As [g_hat_q ; q] . [g ; q_hat_g] of unit halves, any inner-product index can serve it.
-    q (Q, D_q), g_hat_q (Q, D_g), g (G, D_g), q_hat_g (G, D_q) -> (Q, D_g + D_q), (G, D_g + D_q).
+
+def score_names(same_space: bool = True, weights=BLEND_WEIGHTS) -> list[str]:
+    """Every candidate score, simplest first; without a shared space (D_q != D_g) only the learned ones."""
+    if not same_space:
+        return ["diffgap", "two-way"]
+    return (["contrastive", "diffgap"] + [f"blend-{w:g}" for w in weights]
+            + ["two-way"] + [f"two-way-blend-{w:g}" for w in weights])
+
+
+def parse_score(name: str) -> tuple[str, float]:
+    """A score's name -> (learned score, lam): "blend-0.25" -> ("diffgap", 0.25), "contrastive" -> ("diffgap", 0)."""
+    if name == "contrastive":
+        return "diffgap", 0.0
+    for learned, prefix in (("two-way", "two-way-blend-"), ("diffgap", "blend-")):
+        if name == learned:
+            return learned, 1.0
+        if name.startswith(prefix):
+            try:
+                lam = float(name[len(prefix):])
+            except ValueError:
+                break
+            if 0 < lam < 1:
+                return learned, lam
+    raise ValueError(f"unknown score {name!r}: use contrastive, diffgap, two-way, blend-L or two-way-blend-L "
+                     f"with 0 < L < 1")
+
+
+def query_side(score: str, q: torch.Tensor, g_hat_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Query vectors of a score: their inner products with gallery_side's rows rank like the score.
+
+    q (Q, D_q) the queries, g_hat_q (Q, D_g) their translations into the gallery's modality
+    (DiffGAP.translate) -> (Q, D_g), or (Q, D_g + D_q) for the two-way scores. With unit vectors,
+        diffgap family: (1 - lam) cos(q, g) + lam cos(g_hat_q, g) = <(1 - lam) q + lam g_hat_q, g>
+        two-way family: (1 - lam) cos(q, g) + lam/2 [cos(g_hat_q, g) + cos(q, q_hat_g)]
+                        = <[(1 - lam) q + lam/2 g_hat_q ; lam/2 q], [g ; q_hat_g]>
+    The two-way term cos(q, q_hat_g) translates each gallery item into the query's modality, so
+    it looks at p(q | g), the Bayes ranking, which a one-way score never does.
     """
-    unit = lambda x: F.normalize(x.float(), dim=-1)
-    return torch.cat([unit(g_hat_q), unit(q)], dim=1), torch.cat([unit(g), unit(q_hat_g)], dim=1)
+    learned, lam = parse_score(score)
+    q = F.normalize(q.float(), dim=-1)
+    if lam == 0:
+        return q
+    w = lam if learned == "diffgap" else lam / 2
+    first = w * F.normalize(g_hat_q.float(), dim=-1) + ((1 - lam) * q if lam < 1 else 0)
+    return first if learned == "diffgap" else torch.cat([first, w * q], dim=1)
+
+
+def gallery_side(score: str, g: torch.Tensor, q_hat_g: torch.Tensor | None = None) -> torch.Tensor:
+    """Unit gallery vectors of a score (see query_side): g (G, D_g) and, for two-way, its
+    translations q_hat_g (G, D_q) into the query's modality -> (G, D_g) or (G, D_g + D_q)."""
+    g = F.normalize(g.float(), dim=-1)
+    if parse_score(score)[0] == "diffgap":
+        return g
+    return torch.cat([g, F.normalize(q_hat_g.float(), dim=-1)], dim=1) / math.sqrt(2)
 
 
 @torch.no_grad()
-def evaluate_retrieval(model: DiffGAP, queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
-                       direction: int, num_samples: int = 16, blend: float = 0.5, two_way: bool = True,
-                       **sample_kw):
-    """Retrieval with the scores of DESIGN.md 4; returns ({score: metrics}, samples (K, Q, D)).
+def score_retrieval(queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor, g_hat_q: torch.Tensor,
+                    q_hat_g: torch.Tensor | None = None, scores: list[str] | None = None) -> dict[str, dict]:
+    """{score: retrieval metrics} for each score (default: all of score_names the inputs allow).
 
-    contrastive = cos(q, g); diffgap = cos(g_hat, g), g_hat the mean of K generated samples
-    (averaging approximates the posterior mean E[g | q], which ranks far better than any one
-    sample); blend = (1 - blend) contrastive + blend diffgap; two-way (two_way_embeddings) also
-    samples K translations of every gallery item in the other direction. With unequal dims
-    contrastive and blend are left out.
+    queries (Q, D_q), gallery (G, D_g), relevant as in retrieval_metrics; g_hat_q (Q, D_g) the
+    queries translated, q_hat_g (G, D_q) the gallery translated the other way (None: no two-way).
+    Each metrics dict also holds "R@1 lo"/"R@1 hi", a 95% bootstrap interval over queries, and
+    "gain", "gain lo"/"gain hi", the R@1 gain over contrastive with its paired interval.
     """
-    samples = model.sample_many(queries, direction, num_samples, **sample_kw)           # (K, Q, D)
-    q, g_hat = F.normalize(queries.float(), dim=-1), F.normalize(samples.mean(0), dim=-1)
-    # blend: (1 - l) cos(q, g) + l cos(g_hat, g) ranks like the cosine of the query (1 - l) q + l g_hat
-    queries_by_score = {"diffgap": g_hat}
-    if q.shape[1] == gallery.shape[1]:  # contrastive and blend need both modalities in one space
-        queries_by_score = {"contrastive": q, "diffgap": g_hat, "blend": (1 - blend) * q + blend * g_hat}
-    ranked = {name: retrieval_metrics_from_embeddings(x, gallery, relevant, return_ranks=True)
-              for name, x in queries_by_score.items()}
-    if two_way:
-        q_hat = model.sample_many(gallery, 1 - direction, num_samples, **sample_kw).mean(0)   # (G, D_q)
-        ranked["two-way"] = retrieval_metrics_from_embeddings(*two_way_embeddings(q, g_hat, gallery, q_hat), relevant,
-                                                              return_ranks=True)
-    # 95% bootstrap intervals over queries: of R@1, and (paired) of its gain over contrastive
+    if scores is None:
+        scores = [s for s in score_names(queries.shape[1] == gallery.shape[1]) if q_hat_g is not None or "two-way" not in s]
+    ranked = {s: retrieval_metrics_from_embeddings(query_side(s, queries, g_hat_q), gallery_side(s, gallery, q_hat_g),
+                                                   relevant, return_ranks=True) for s in scores}
     for name, (metrics, ranks) in ranked.items():
         metrics["R@1 lo"], metrics["R@1 hi"] = bootstrap_interval((ranks == 1).float())
         if "contrastive" in ranked and name != "contrastive":
             gain = (ranks == 1).float() - (ranked["contrastive"][1] == 1).float()
             metrics["gain"], (metrics["gain lo"], metrics["gain hi"]) = gain.mean().item(), bootstrap_interval(gain)
-    return {name: metrics for name, (metrics, _) in ranked.items()}, samples
+    return {name: metrics for name, (metrics, _) in ranked.items()}
+
+
+@torch.no_grad()
+def query_vectors(model: DiffGAP, queries: torch.Tensor, direction: int, score: str, num_samples: int = 16,
+                  **sample_kw) -> torch.Tensor:
+    """The query side of `score` for new queries (Q, D_q) -> (Q, D'): their inner products with
+    the gallery vectors sample.py --export-gallery writes rank like the score. The same settings
+    as the export (its index.json) give the same ranking; sample_kw as in sample()."""
+    g_hat_q = model.translate(queries, direction, num_samples, **sample_kw) if parse_score(score)[1] > 0 else None
+    return query_side(score, queries, g_hat_q)
+
+
+def choose_score(val_results: dict[str, dict]) -> str:
+    """The score with the best validation R@1, the simpler on a tie (score_retrieval keeps
+    score_names' order). Contrastive is a candidate, so the choice never ranks below it on
+    the split it was chosen on: that is the point of choosing on validation, never on test."""
+    return max(val_results, key=lambda name: val_results[name]["R@1"])
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: DiffGAP, queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
+                       direction: int, num_samples: int = 16, scores: list[str] | None = None, **sample_kw):
+    """score_retrieval with the translations drawn here: K = num_samples samples per query in
+    `direction` and, for two-way, per gallery item in the other; sample_kw as in sample()."""
+    g_hat_q = model.translate(queries, direction, num_samples, **sample_kw)                # (Q, D_g)
+    two_way = scores is None or any("two-way" in s for s in scores)
+    q_hat_g = model.translate(gallery, 1 - direction, num_samples, **sample_kw) if two_way else None  # (G, D_q)
+    return score_retrieval(queries, gallery, relevant, g_hat_q, q_hat_g, scores)
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,18 +2,22 @@
 
     python sample.py --steps 5                                  # newest checkpoint under runs/
     python sample.py --ckpt runs/audio-text/ckpt.pt --sampler ddpm --steps 1000
+    python sample.py --export-gallery index/                    # gallery vectors of the chosen score
     python sample.py --direction b2a --cond video.npy --out audio_hat.npy
 
-Evaluation prints, for each direction on the test split: R@1/5/10 for the contrastive,
-diffgap, blend and two-way scores (DESIGN.md 4), the Frechet distance and mean paired cosine of
-the generated embeddings (one sample per query), and samples per second. EMA weights are used.
+Evaluation prints, for each direction on the test split, R@1/5/10 of every score (DESIGN.md 4:
+contrastive, diffgap, two-way and their blends with contrastive), each R@1 with a 95% interval,
+and marks with * the score chosen on the validation split (--score auto): the reader sees its
+test figure beside every candidate's. Then the Frechet distance and mean paired cosine of the
+generated embeddings (one sample per query). Every row of a split is translated once (K samples
+averaged) and cached beside the checkpoint; a second run reuses it. EMA weights are used.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
-import time
 
 import numpy as np
 import torch
@@ -21,7 +25,7 @@ import torch
 import diffgap as dg
 import embed_cache
 from train import (DIRECTIONS, RANK_GUIDANCE, ArgParser, check_dims, number, pick_device, rank_guidance,
-                   retrieval_table, run_cli)
+                   retrieval_table, run_cli, split_scores, split_translations)
 
 
 def parse_args(argv=None):
@@ -36,7 +40,13 @@ def parse_args(argv=None):
                    help="guidance scale of the K samples averaged for the diffgap / blend retrieval scores "
                         "(1 for models trained with --p-uncond 0)")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged for the diffgap score")
-    p.add_argument("--blend", type=number(float, 0, 1), default=0.5, help="lambda of the blend score, in [0, 1]")
+    p.add_argument("--score", type=score_name, default="auto",
+                   help="the score to mark and export: auto (default: per direction, the best validation R@1 among "
+                        "contrastive, diffgap, two-way and blends with contrastive), or one of those names, e.g. "
+                        "two-way or blend-0.5")
+    p.add_argument("--export-gallery", metavar="DIR",
+                   help="write the evaluated split's gallery vectors of the chosen score (unit rows, .npy), their "
+                        "ids and index.json, for any inner-product index; queries: diffgap.query_vectors")
     p.add_argument("--direction", choices=["both", "b2a", "a2b"], default="both")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--data", help="data spec to evaluate on (default: the one stored in the checkpoint)")
@@ -47,6 +57,16 @@ def parse_args(argv=None):
                    help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU runs the interpreter (slow)")
     p.add_argument("--seed", type=number(int, 0), default=0)
     return p.parse_args(argv)
+
+
+def score_name(text: str) -> str:
+    """An argparse type: auto or a score name that diffgap.parse_score accepts."""
+    if text != "auto":
+        try:
+            dg.parse_score(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def find_checkpoint(path: str | None) -> str:
@@ -80,6 +100,25 @@ def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:
           f"(mean of {args.num_samples} samples, {args.steps} {args.sampler} steps)")
 
 
+def export_gallery(folder: str, split, direction: int, score: str, translations: dict, info: dict) -> None:
+    """DIR/<b2a|a2b>.gallery.npy (G, D') unit rows of the score's gallery side, .ids.txt one id per
+    row, and index.json: what a query needs to be scored against them (diffgap.query_vectors)."""
+    _, gal, _ = split.retrieval(direction)
+    q_hat_g = translations["a2b" if direction == 0 else "b2a"]
+    name = ("b2a", "a2b")[direction]
+    os.makedirs(folder, exist_ok=True)
+    save_npy(os.path.join(folder, f"{name}.gallery.npy"), dg.gallery_side(score, gal, q_hat_g))
+    ids = (split.a_ids if direction == 0 else split.b_ids) or [str(i) for i in range(len(gal))]
+    dg.atomic_write(os.path.join(folder, f"{name}.ids.txt"), lambda f: f.write("".join(f"{i}\n" for i in ids).encode()))
+    path = os.path.join(folder, "index.json")
+    entries = json.load(open(path)) if os.path.exists(path) else {}
+    entries[name] = dict(info, score=score, direction=direction, rows=len(gal),
+                         query=f"diffgap.query_vectors(model, queries, {direction}, {score!r}, "
+                               f"num_samples={info['num_samples']}, steps={info['steps']}, guidance={info['guidance']:g})")
+    dg.atomic_write(path, lambda f: f.write(json.dumps(entries, indent=1).encode()))
+    print(f"exported {name}: {len(gal)} gallery rows of the {score} score to {folder}/{name}.gallery.npy (+ ids, index.json)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -95,38 +134,58 @@ def main(argv=None) -> int:
 
     data = embed_cache.load(args.data or ckpt["data"], ckpt["pair"])
     check_dims(data, model)
-    split = data.splits[args.split]
+    names = dg.score_names(data.dims[0] == data.dims[1])
+    if args.score not in ("auto", *names):   # a blend weight off the grid joins the candidates
+        if data.dims[0] != data.dims[1]:
+            raise ValueError(f"--score {args.score}: with dims {data.dims[0]}/{data.dims[1]} use one of {', '.join(names)}")
+        names.append(args.score)
     print(f"checkpoint {path} (step {ckpt['step']}); {data.summary()}")
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, generator=g)
     rank_g = rank_guidance(model, args.rank_guidance)
-    results, quality = {}, []
+    kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=rank_g, seed=args.seed)
+    needed = [args.split] + (["val"] if args.score == "auto" and args.split != "val" else [])
+    translations = {name: split_translations(model, data.splits[name], name, path, args.num_samples, **kw)
+                    for name in needed}
+    split = data.splits[args.split]
+    results, chosen, quality = {}, {}, []
     for d in directions:
+        results[d] = split_scores(split, d, translations[args.split], names)
+        if args.score == "auto":
+            val = results[d] if args.split == "val" else split_scores(data.splits["val"], d, translations["val"], names)
+            chosen[d] = dg.choose_score(val)
+            for name, m in results[d].items():
+                m["val R@1"] = val[name]["R@1"]
+        else:
+            chosen[d] = args.score
         q, gal, rel = (x.to(device) for x in split.retrieval(d))
-        t0 = time.perf_counter()
-        results[d], samples = dg.evaluate_retrieval(model, q, gal, rel, d, num_samples=args.num_samples,
-                                                    blend=args.blend, guidance=rank_g, **kw)
-        # samples drawn: K per query, and K per gallery item for the two-way score
-        rate = samples.shape[0] * (samples.shape[1] + gal.shape[0]) / (time.perf_counter() - t0)
-        # generation quality of embeddings as --cond would write them (guidance --guidance)
-        one = samples[0] if args.guidance == rank_g else model.sample(q, d, guidance=args.guidance, **kw)  # (Q, D)
+        # generation quality of embeddings as --cond would write them (one sample, guidance --guidance)
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        one = model.sample(q, d, steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
+                           generator=g)                                                               # (Q, D)
         # the raw conditions against the same targets: the modality gap before DiffGAP
         fd_cond = f"{dg.frechet_distance(q, gal):14.4f}" if q.shape[1] == gal.shape[1] else f"{'n/a':>14}"
         quality.append(f"{DIRECTIONS[d]:<10}{dg.frechet_distance(one, gal):10.4f}{fd_cond}"
-                       f"{dg.paired_cosine(one, gal, rel):12.4f}{rate:12.0f}")
+                       f"{dg.paired_cosine(one, gal, rel):12.4f}")
         if data.oracle is not None:
             results[d]["oracle"] = dg.retrieval_metrics(data.oracle(q.cpu(), gal.cpu(), d), rel.cpu())
+    if args.score == "auto":
+        print("--score auto, chosen on the validation split: " + "; ".join(
+            f"{DIRECTIONS[d]} {chosen[d]} (val R@1 {100 * results[d][chosen[d]]['val R@1']:.1f})" for d in directions))
     print(retrieval_table(results, f"{args.split} retrieval (%), {args.steps} {args.sampler} steps, "
-                                   f"K={args.num_samples} samples averaged, guidance {rank_g:g}, "
-                                   f"blend lambda={args.blend}:"))
+                                   f"K={args.num_samples} samples averaged, guidance {rank_g:g}; "
+                                   f"* the score {'chosen on validation' if args.score == 'auto' else 'asked for'}:",
+                          chosen))
     print(f"generation quality ({args.split} split, one sample per query, guidance {args.guidance:g}):")
-    print(f"{'direction':<10}{'FD gen':>10}{'FD cond':>14}{'paired cos':>12}{'samples/s':>12}")
+    print(f"{'direction':<10}{'FD gen':>10}{'FD cond':>14}{'paired cos':>12}")
     print("\n".join(quality))
     print("FD gen / FD cond: Frechet distance of the generated / the raw condition embeddings to the real targets;"
-          "\npaired cos: mean cosine of a generated embedding and its true pair(s); samples/s: retrieval samples (of the"
-          "\nqueries and, for two-way, of the gallery items) incl. scoring.")
+          "\npaired cos: mean cosine of a generated embedding and its true pair(s).")
     if data.oracle is not None:
         print("oracle: the synthetic generator's own likelihood ranking (a reference ceiling, not a model)")
+    if args.export_gallery:
+        info = dict(checkpoint=path, data=data.spec, split=args.split, num_samples=args.num_samples, steps=args.steps,
+                    sampler=args.sampler, eta=args.eta, guidance=rank_g, seed=args.seed)
+        for d in directions:
+            export_gallery(args.export_gallery, split, d, chosen[d], translations[args.split], info)
     return 0
 
 

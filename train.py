@@ -6,21 +6,26 @@
     python train.py --pair audio-video --resume        # continue runs/audio-video/ckpt.pt
     torchrun --standalone --nproc_per_node 2 train.py --pair audio-video   # data parallel, same result
 
-Writes runs/<pair>/ckpt.pt (atomically, fsynced) at every epoch end, every --save-every-min
-minutes, at the end, and on Ctrl-C or SIGTERM, then prints contrastive vs diffgap retrieval on
-the validation split. A run killed at any moment (kill -9 included) and continued with
---resume ends bit-identical to one never stopped: the batch order, timesteps, noise and
+The first lines say how many steps it will run and why: 30 epochs (the paper's), or more on a
+small set, so that a run has at least --min-steps (3,000) steps. Writes runs/<pair>/ckpt.pt
+(atomically, fsynced) at every epoch end, every --save-every-min minutes, at the end, and on
+Ctrl-C or SIGTERM; then translates the validation split (cached beside the checkpoint for
+sample.py) and prints contrastive, diffgap and two-way retrieval on it, marking the score
+`sample.py --score auto` will use. A run killed at any moment (kill -9 included) and continued
+with --resume ends bit-identical to one never stopped: the batch order, timesteps, noise and
 dropout of every step derive from (--seed, step), and the checkpoint holds the rest.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import signal
 import sys
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -32,6 +37,9 @@ DIRECTIONS = {0: "B->A", 1: "A->B"}
 # validation split of synthetic seed 0 among 1-16 and confirmed on held-out seeds 3 and 4
 # (README, Results: test R@1 17.6 -> 37.4 on seed 4). Generation keeps guidance 1.
 RANK_GUIDANCE = 16.0
+# The default run's length floor. 30 epochs of 250 pairs are 120 steps, after which the learned
+# scores lose to contrastive by 30 points; 3,000 steps of batch 64 are ~30 s on a 2-core CPU.
+MIN_STEPS = 3000
 
 
 def rank_guidance(model, scale: float) -> float:
@@ -89,7 +97,11 @@ def parse_args(argv=None):
                    help="data spec: synthetic[:seed=N], A.npy,B.npy, pairs.npz, clap:..., cavp:..., arrays:..., "
                         "dirs:... or spec.json (README: Your own embeddings); default synthetic")
     p.add_argument("--epochs", type=number(int, 1),
-                   help="passes over the training pairs (default 30, the paper's; on --resume, the checkpoint's)")
+                   help="passes over the training pairs (default: 30, the paper's, or as many as --min-steps needs; "
+                        "on --resume, the checkpoint's)")
+    p.add_argument("--min-steps", type=number(int, 1), default=MIN_STEPS,
+                   help=f"without --epochs, train at least this many steps (default {MIN_STEPS}): 30 epochs of a "
+                        f"small set are too few steps to learn anything")
     p.add_argument("--batch-size", type=number(int, 1), help="default 64 (the paper's)")
     p.add_argument("--lr", type=number(float, 0, lo_open=True),
                    help="Adam learning rate, default 1e-3 (paper: 2e-4 over ~94k steps)")
@@ -133,8 +145,22 @@ def settle_run_options(args, ckpt) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {given} differs from the checkpoint's {kept}: "
                              f"a resumed run keeps its settings")
         setattr(args, name, kept)
-    if args.epochs is None:
-        args.epochs = ckpt.get("epochs", 30) if ckpt is not None else 30
+    args.epochs_given = args.epochs is not None
+    if args.epochs is None and ckpt is not None:
+        args.epochs = ckpt.get("epochs", 30)
+
+
+def training_length(args, per_epoch: int) -> tuple[int, str]:
+    """(epochs, why): --epochs if given, else 30 epochs or enough for --min-steps steps."""
+    if args.epochs is not None:
+        short = args.epochs * per_epoch < args.min_steps
+        source = f"--epochs {args.epochs}" if args.epochs_given else "the checkpoint's epochs"
+        return args.epochs, (source + (f"; fewer than {args.min_steps} steps: the learned scores may "
+                             f"lose to contrastive (sample.py --score auto then keeps contrastive)" if short else ""))
+    if 30 * per_epoch >= args.min_steps:
+        return 30, "30 epochs, the paper's"
+    epochs = math.ceil(args.min_steps / per_epoch)
+    return epochs, f"30 epochs would be {30 * per_epoch} steps, under --min-steps {args.min_steps}"
 
 
 def pick_device(name: str) -> torch.device:
@@ -152,21 +178,90 @@ def check_dims(data: embed_cache.Dataset, model: dg.DiffGAP) -> None:
                          f"{model.config.dim_a}/{model.config.dim_b}")
 
 
-def retrieval_table(results: dict, title: str) -> str:
+def retrieval_table(results: dict, title: str, chosen: dict | None = None) -> str:
     """results: {direction: {score name: metrics}} -> a small aligned text table.
 
-    Brackets hold 95% bootstrap intervals over queries (evaluate_retrieval) where present: of
-    R@1, and of the paired R@1 gain over contrastive on the same queries.
+    Brackets hold 95% bootstrap intervals over queries (dg.score_retrieval) where present: of
+    R@1, and of the paired R@1 gain over contrastive on the same queries. A "val R@1" entry
+    gets its own column; chosen {direction: score} marks those rows with "*".
     """
     pct = lambda m, key: f"[{100 * m[key + ' lo']:.1f}, {100 * m[key + ' hi']:.1f}]" if key + " lo" in m else ""
-    lines = [title, f"{'direction':<10}{'score':<13}{'R@1':>7} {'95% CI':<14}{'R@5':>6}{'R@10':>7}{'mAP@10':>8}"
-                    f"{'medR':>6}  R@1 gain over contrastive"]
+    val = any("val R@1" in m for by_score in results.values() for m in by_score.values())
+    width = max(len(name) for by_score in results.values() for name in by_score) + 3
+    lines = [title, f"{'direction':<10}{'score':<{width}}" + (f"{'val R@1':>8}" if val else "") +
+             f"{'R@1':>7} {'95% CI':<14}{'R@5':>6}{'R@10':>7}{'mAP@10':>8}{'medR':>6}  R@1 gain over contrastive"]
     for d, by_score in results.items():
         for name, m in by_score.items():
+            mark = " *" if chosen and chosen.get(d) == name else ""
             gain = f"{100 * m['gain']:+5.1f} {pct(m, 'gain')}" if "gain" in m else ""
-            lines.append(f"{DIRECTIONS[d]:<10}{name:<13}{100 * m['R@1']:7.1f} {pct(m, 'R@1'):<14}{100 * m['R@5']:6.1f}"
-                         f"{100 * m['R@10']:7.1f}{100 * m['mAP@10']:8.1f}{m['median_rank']:6.0f}  {gain}".rstrip())
+            lines.append(f"{DIRECTIONS[d]:<10}{name + mark:<{width}}" + (f"{100 * m['val R@1']:8.1f}" if "val R@1" in m else " " * 8 * val) +
+                         f"{100 * m['R@1']:7.1f} {pct(m, 'R@1'):<14}{100 * m['R@5']:6.1f}{100 * m['R@10']:7.1f}"
+                         f"{100 * m['mAP@10']:8.1f}{m['median_rank']:6.0f}  {gain}".rstrip())
     return "\n".join(lines)
+
+
+def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, sampler: str = "ddim",
+                    eta: float = 0.0, guidance: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """{"b2a": (N_b, D_A), "a2b": (N_a, D_B)}: every row of a split translated into the other
+    modality (the mean of num_samples samples, DiffGAP.translate), on the CPU. Each direction
+    draws from its own generator seeded by (seed, direction)."""
+    device = next(model.parameters()).device
+    out = {}
+    for name, x, direction in (("b2a", split.b, 0), ("a2b", split.a, 1)):
+        x = x[:] if isinstance(x, embed_cache.Rows) else x
+        g = torch.Generator(device=device).manual_seed(dg.derived_seed(seed, "translate", direction))
+        out[name] = model.translate(x.to(device), direction, num_samples, steps=steps, sampler=sampler, eta=eta,
+                                    guidance=guidance, generator=g).cpu()
+    return out
+
+
+def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str, num_samples: int, steps: int = 5,
+                       sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0, seed: int = 0,
+                       say=print) -> dict[str, torch.Tensor]:
+    """Every row of a split translated into the other modality, cached beside the checkpoint.
+
+    Returns {"b2a": (N_b, D_A), "a2b": (N_a, D_B)}: the mean of num_samples samples per row
+    (DiffGAP.translate), from which every score of both directions follows (query side and,
+    for two-way, gallery side). The file CKPT_STEM.<split>-translations.npz is reused while the
+    checkpoint's bytes, the split's embeddings and these settings are unchanged, and rebuilt
+    otherwise; a cached and a rebuilt translation are the same numbers (translate_split).
+    """
+    a, b = (x[:] if isinstance(x, embed_cache.Rows) else x for x in (split.a, split.b))
+    device = next(model.parameters()).device
+    settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=guidance, seed=seed,
+                    device=device.type, kernels=dg.KERNELS)
+    digest = hashlib.blake2b(repr(sorted(settings.items())).encode(), digest_size=16)
+    with open(ckpt_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    for x in (a, b, split.b_to_a):
+        digest.update(x.contiguous().numpy().tobytes())
+    key, path = digest.hexdigest(), os.path.splitext(ckpt_path)[0] + f".{split_name}-translations.npz"
+    try:
+        with np.load(path) as z:
+            if str(z["key"]) == key and z["b2a"].shape == (len(b), a.shape[1]) and z["a2b"].shape == (len(a), b.shape[1]):
+                say(f"{split_name} translations: reused {path}")
+                return {name: torch.from_numpy(z[name]) for name in ("b2a", "a2b")}
+    except FileNotFoundError:
+        pass
+    except Exception as e:   # unreadable or from an older layout: rebuild it
+        say(f"{split_name} translations: {path} is unreadable ({type(e).__name__}), rebuilding")
+    say(f"{split_name} translations: building (K={num_samples} samples of {len(a) + len(b)} rows, {steps} {sampler} "
+        f"steps, guidance {guidance:g}), once per checkpoint and split")
+    t0 = time.perf_counter()
+    out = translate_split(model, split, num_samples, steps, sampler, eta, guidance, seed)
+    secs = time.perf_counter() - t0
+    dg.atomic_write(path, lambda f: np.savez(f, key=np.array(key), **{k: v.numpy() for k, v in out.items()}))
+    say(f"{split_name} translations: built in {secs:.1f} s ({num_samples * (len(a) + len(b)) / secs:,.0f} samples/s), "
+        f"saved to {path}")
+    return out
+
+
+def split_scores(split, direction: int, translations: dict, scores=None) -> dict[str, dict]:
+    """dg.score_retrieval for one direction of a split, from split_translations' output."""
+    q, gal, rel = split.retrieval(direction)
+    g_hat_q, q_hat_g = (translations["b2a"], translations["a2b"])[::1 if direction == 0 else -1]
+    return dg.score_retrieval(q, gal, rel, g_hat_q, q_hat_g, scores)
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -236,13 +331,14 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
 
+    args.epochs, why = training_length(args, per_epoch)
     total = args.epochs * per_epoch
     say(data.summary())
+    say(f"training {total} steps: {args.epochs} epochs x {per_epoch} batches of {args.batch_size} ({why}) on {device}"
+        + (f" x {world} processes" if world > 1 else "") + (f", resuming at step {start_step}" if ckpt else ""))
     say(f"model: {model.num_params():,} parameters ({model.num_params() * 4 / 1e6:.2f} MB fp32), "
         f"objective {model.config.objective}, {model.config.schedule} schedule, T={model.config.timesteps}, "
-        f"switch every {model.config.switch_every} steps; {total} steps ({args.epochs} epochs x {per_epoch} "
-        f"batches of {args.batch_size}) on {device}" + (f" x {world} processes" if world > 1 else "")
-        + (f", resuming at step {start_step}" if ckpt else ""))
+        f"switch every {model.config.switch_every} steps")
 
     def save(step: int) -> None:
         if rank == 0:
@@ -297,15 +393,16 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
         return 0
 
     model.eval()
-    val = data.splits["val"]
-    results, t0 = {}, time.time()
+    val, guidance = data.splits["val"], rank_guidance(model, args.rank_guidance)
+    # sample.py reuses these translations (its defaults: K 16, 5 DDIM steps, sampling seed 0)
+    translations = split_translations(model, val, "val", ckpt_path, args.num_samples, guidance=guidance)
+    results, chosen = {}, {}
     for d in (0, 1):
-        q, g, rel = (x.to(device) for x in val.retrieval(d))
-        results[d], _ = dg.evaluate_retrieval(model, q, g, rel, d, num_samples=args.num_samples, steps=5,
-                                              guidance=rank_guidance(model, args.rank_guidance))
-        results[d].pop("blend", None)
+        every = split_scores(val, d, translations)
+        chosen[d] = dg.choose_score(every)
+        results[d] = {k: v for k, v in every.items() if k in ("contrastive", "diffgap", "two-way", chosen[d])}
     say(retrieval_table(results, f"validation retrieval (%), 5 DDIM steps, K={args.num_samples} samples averaged, "
-                                   f"guidance {rank_guidance(model, args.rank_guidance):g} ({time.time() - t0:.1f} s):"))
+                                 f"guidance {guidance:g}; * the score sample.py --score auto will use:", chosen))
     return 0
 
 

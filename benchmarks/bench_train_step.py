@@ -10,7 +10,10 @@ thread count, as autograd calls them for nn.Linear (weight stored (out, in)): th
 addmm(b, x, W^T), the weight gradient dy^T x, and the input gradient dy W where autograd needs
 one (not for layers fed by x_t, the condition or the timestep features). The ratio step / floor is the
 overhead factor: everything that is not a matmul (optimizer, EMA, small elementwise kernels,
-Python) shows up in it. Times are medians over --repeats blocks of --steps steps.
+Python) shows up in it. The "+ update" column adds what any Adam step must also do, timed alone
+on the same parameters: the fused Adam update and the EMA lerp (read and write every parameter
+and its moments), so step / (floor + update) is the overhead that is left to remove.
+Times are medians over --repeats blocks of --steps steps.
 """
 from __future__ import annotations
 
@@ -64,6 +67,19 @@ def matmul_floor(shapes, B: int, steps: int, repeats: int) -> float:
     return time_it(run, steps, repeats)
 
 
+def update_time(model: dg.DiffGAP, steps: int, repeats: int) -> float:
+    """One fused Adam step and one EMA update of the model's parameters, with gradients present."""
+    opt = dg.make_optimizer(model, 1e-3)
+    for p in model.net.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+
+    def run(n):
+        for i in range(n):
+            opt.step()
+            model.update_ema(i)
+    return time_it(run, steps, repeats)
+
+
 def train_step_time(B: int, steps: int, repeats: int, compile: bool = False) -> tuple[float, dg.DiffGAP]:
     torch.manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(20000, 512), dim=-1)
@@ -91,14 +107,16 @@ def main() -> None:
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; optimizer: "
           f"{type(dg.make_optimizer(dg.DiffGAP(dg.DiffGAPConfig()))).__name__}")
-    print(f"{'batch':>6}{'mode':>10}{'step ms':>10}{'floor ms':>10}{'ratio':>8}{'steps/s':>10}")
+    print(f"{'batch':>6}{'mode':>10}{'step ms':>10}{'floor ms':>10}{'ratio':>8}{'+ update ms':>13}{'ratio':>8}"
+          f"{'steps/s':>10}")
     for B in args.batch_sizes:
         steps = max(10, args.steps * 64 // B)
         for mode in ("eager", "compiled") if args.compile else ("eager",):
             step, model = train_step_time(B, steps, args.repeats, compile=mode == "compiled")
             floor = matmul_floor(linear_shapes(model), B, steps, args.repeats)
-            print(f"{B:>6}{mode:>10}{step * 1e3:>10.2f}{floor * 1e3:>10.2f}{step / floor:>8.2f}{1 / step:>10.0f}",
-                  flush=True)
+            update = floor + update_time(model, steps, args.repeats)
+            print(f"{B:>6}{mode:>10}{step * 1e3:>10.2f}{floor * 1e3:>10.2f}{step / floor:>8.2f}{update * 1e3:>13.2f}"
+                  f"{step / update:>8.2f}{1 / step:>10.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 Trains every model it needs (one worker process per core, one thread each), evaluates on the
 test split, and writes markdown tables (mean +- std over seeds) to --out and to stdout:
 
-    III / IV   retrieval in both directions: contrastive, ridge, mlp, diffgap and blends
+    III / IV   retrieval in both directions: contrastive, ridge, mlp, the Gaussian plug-in,
+               diffgap one-way and two-way, and blends
                (audio-text and audio-video on the synthetic default; --pair with --data)
     V          no diffusion module / one direction only / bidirectional split training
     VI         sampling steps 50, 20, 5, 2, 1, with samples per second
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import diffgap as dg  # noqa: E402
 import embed_cache  # noqa: E402
-from baselines import MLPBaseline, fit_ridge, ridge_predict  # noqa: E402
+from baselines import MLPBaseline, fit_plugin, fit_ridge, ridge_predict  # noqa: E402
 
 DIRS = {0: "B->A", 1: "A->B"}
 PAPER_SWITCH = {"1000": 1000 / 94000, "5000": 5000 / 94000, "10000": 10000 / 94000}  # m as a fraction
@@ -149,6 +150,12 @@ def run_job(job: Job) -> list[tuple]:
             for method, x in {"contrastive": qn, "ridge": pred, "ridge blend": qn + pred,
                               "diffgap": g_hat, "diffgap blend": qn + g_hat}.items():
                 out += metric_records("retrieval", f"{row}|{method}", score(x))
+            plugin, _ = fit_plugin(data.splits["train"], data.splits["val"], d)
+            out += metric_records("retrieval", f"{row}|plug-in", dg.retrieval_metrics(plugin.scores(q, g), rel))
+            # two-way: the gallery translated the other way too (K samples each, DESIGN 4)
+            q_hat = sample_k(model, g, 1 - d, job.num_samples, job.seed + 1, steps=5)[0].mean(0)
+            out += metric_records("retrieval", f"{row}|diffgap two-way",
+                                  dg.score_retrieval(q, g, rel, g_hat, q_hat, scores=["two-way"])["two-way"])
             if q.shape[1] == g.shape[1]:
                 out += [("retrieval", f"{row}|contrastive", "FD", dg.frechet_distance(q, g)),
                         ("retrieval", f"{row}|contrastive", "cos", dg.paired_cosine(q, g, rel))]
@@ -235,7 +242,8 @@ def report(cells: dict, args, pairs: list[str], ablation_pair: str, minutes: flo
             f"Every model: {args.steps} training steps, batch 64, Adam 1e-3, EMA; diffgap = mean of "
             f"K={args.num_samples} samples of 5-step DDIM (eta 0); blend = equal weights of the two cosines.", ""]
     out = list(head)
-    methods = ["contrastive", "ridge", "mlp", "diffgap", "ridge blend", "mlp blend", "diffgap blend"]
+    methods = ["contrastive", "ridge", "mlp", "plug-in", "diffgap", "diffgap two-way", "ridge blend", "mlp blend",
+               "diffgap blend"]
     metric_cols = [("R@1", "", "R@1", 1), ("R@5", "", "R@5", 1), ("R@10", "", "R@10", 1),
                    ("mAP@10", "", "mAP@10", 1), ("medR", "", "medR", 1), ("FD", "", "FD", 3), ("paired cos", "", "cos", 3)]
     for pair in pairs:
@@ -288,18 +296,22 @@ def parse_args(argv=None):
     return args
 
 
+def run_all(run, jobs: list, workers: int) -> list:
+    """[run(job) for job in jobs] on `workers` processes (each should use one thread)."""
+    if workers == 1:
+        return [run(j) for j in jobs]
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(workers) as pool:
+        return pool.map(run, jobs, chunksize=1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     embed_cache.load(data_spec(args, 0), args.pair)  # bad data fails here, before any training
     jobs = make_jobs(args)
     print(f"{len(jobs)} models to train ({args.steps} steps each) on {args.workers} worker(s)", file=sys.stderr)
     t0 = time.time()
-    if args.workers == 1:
-        results = [run_job(j) for j in jobs]
-    else:
-        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ctx.Pool(args.workers) as pool:
-            results = pool.map(run_job, jobs, chunksize=1)
+    results = run_all(run_job, jobs, args.workers)
     cells = aggregate([r for rs in results for r in rs])
     pairs = sorted({j.pair for j in jobs if j.name == "main"})
     text = report(cells, args, pairs, next(j.pair for j in jobs if j.full), (time.time() - t0) / 60)

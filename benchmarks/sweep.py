@@ -1,4 +1,4 @@
-"""Where does DiffGAP lose to ridge? Train variants side by side and print diffgap vs ridge R@1.
+"""Where does DiffGAP lose to the baselines? Train variants side by side and print diffgap vs ridge and plug-in R@1.
 
     python benchmarks/sweep.py --variant base --variant "wide:inner=512" --variant "long:steps=12000" --seeds 0 1 2
     python benchmarks/sweep.py --variant base --eval "K=64,steps=1"
@@ -7,7 +7,7 @@ A variant is NAME[:key=value,...]; keys are DiffGAPConfig fields plus `steps` (t
 `lr` and `n_train` (synthetic training pairs; default 20,000). Every variant is trained on the synthetic audio-video default for each seed (data and
 initialisation), then scored on the validation and test splits in both directions with every
 --eval setting (K samples averaged, DDIM steps, guidance scale for models trained with
-p_uncond > 0). Ridge on the same split is the reference.
+p_uncond > 0). Ridge and the Gaussian plug-in on the same split are the references.
 Runs --workers processes with one thread each.
 """
 import argparse
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                  
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import diffgap as dg  # noqa: E402
 import embed_cache  # noqa: E402
-from baselines import fit_ridge, ridge_predict  # noqa: E402
+from baselines import fit_plugin, fit_ridge, ridge_predict  # noqa: E402
 from paper_tables import PAPER_SWITCH, Job, sample_k, train  # noqa: E402
 
 
@@ -59,13 +59,15 @@ def run(task):
     job = Job("audio-video", name, seed, data.spec, steps, 1, overrides=over, lr=lr)
     model = train(job, data)
     out = []
-    # the reference: ridge per direction, fitted once, in the base variant's rows
+    # the references: ridge and the plug-in per direction, fitted once, in the base variant's rows
     ridges = {d: fit_ridge(model, data.splits["train"], data.splits["val"], d)[0] for d in (0, 1)} if name == "base" else {}
+    plugins = {d: fit_plugin(data.splits["train"], data.splits["val"], d)[0] for d in ridges}
     for split in ("val", "test"):
         for d in (0, 1):
             q, g, rel = data.splits[split].retrieval(d)
             if d in ridges:
                 out.append(("ridge", split, d, dg.retrieval_metrics_from_embeddings(ridge_predict(model, ridges[d], q, d), g, rel)["R@1"]))
+                out.append(("plug-in", split, d, dg.retrieval_metrics(plugins[d].scores(q, g), rel)["R@1"]))
             for k, s, scale in evals:
                 if scale != 1 and model.config.p_uncond == 0:
                     continue  # guidance needs a model trained with condition dropout

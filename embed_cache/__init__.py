@@ -3,6 +3,7 @@
 A data spec is "FORMAT:key=value,key=value" (or a JSON file {"format": ..., "key": value}):
 
     synthetic[:seed=3,n_train=5000]                the built-in default (synthetic.py)
+    synthetic:preset=aligned                       few pairs, strong space (or preset=multimodal)
     arrays:a=audio.npy,b=video.npy[,ids=meta.csv]  paired arrays (arrays.py; shortcuts:
                                                    pairs.npz, pairs.pt, audio.npy,video.npy)
     clap:audio=audio.npy,text=text.npy             LAION-CLAP / MS-CLAP (clap.py)
@@ -22,7 +23,7 @@ from .arrays import load_arrays
 from .base import DataError, Dataset, Rows, Split
 from .clap import load_clap
 from .folders import load_cavp, load_dirs
-from .synthetic import SyntheticConfig, SyntheticSpace, synthetic_dataset
+from .synthetic import PRESETS, SyntheticConfig, SyntheticSpace, make_config, synthetic_dataset
 
 
 def _synthetic_kwargs(opts: dict, spec: str) -> dict:
@@ -30,6 +31,9 @@ def _synthetic_kwargs(opts: dict, spec: str) -> dict:
     typed = {}
     for key, value in opts.items():
         kind = type(getattr(SyntheticConfig, key))
+        if kind is str:
+            typed[key] = value
+            continue
         try:
             typed[key] = kind(value)
         except ValueError:
@@ -85,9 +89,12 @@ def check_options(name: str, opts: dict, spec: str) -> None:
         typed = _synthetic_kwargs(opts, spec)
         for key, value in typed.items():
             low = 0 if key == "seed" or isinstance(value, float) else 1   # counts and sizes >= 1; energies >= 0
-            if value < low:
+            if not isinstance(value, str) and value < low:
                 raise DataError(f"{spec}: option {key}={opts[key]} must be >= {low}")
-        cfg = SyntheticConfig(**typed)
+        try:
+            cfg = make_config(**typed)
+        except ValueError as e:
+            raise DataError(f"{spec}: {e}") from None
         if cfg.dim < cfg.rank + 2 or cfg.nuisance_rank > cfg.dim:   # coordinates 0, 1: cone and gap
             raise DataError(f"{spec}: the synthetic layout needs dim >= rank + 2 and nuisance_rank <= dim "
                             f"(got dim={cfg.dim}, rank={cfg.rank}, nuisance_rank={cfg.nuisance_rank})")

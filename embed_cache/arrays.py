@@ -318,7 +318,8 @@ def assemble(pair: str, spec: str, a: Source, b: Source, opts: dict, b_to_a: Opt
         if len(mine) == 0 or len(in_b) == 0:
             raise DataError(f"{spec}: the {name} split is empty ({len(a_rows)} audio items are too few for "
                             f"val={val}, test={test})")
-        splits[name] = Split(a=_rows(a, a_rows[mine]), b=_rows(b, b_rows[in_b]), b_to_a=torch.from_numpy(pos[local[in_b]]))
+        splits[name] = Split(a=_rows(a, a_rows[mine]), b=_rows(b, b_rows[in_b]), b_to_a=torch.from_numpy(pos[local[in_b]]),
+                             a_ids=[a.ids[r] for r in a_rows[mine]], b_ids=[b.ids[r] for r in b_rows[in_b]])
     return Dataset(pair=pair, spec=spec, splits=splits, notes="; ".join(notes))
 
 

@@ -73,6 +73,8 @@ class Split:
     a: torch.Tensor       # (N_a, D_A) unit-norm audio embeddings (or Rows, for large files)
     b: torch.Tensor       # (N_b, D_B) unit-norm video/text embeddings (or Rows)
     b_to_a: torch.Tensor  # (N_b,) int64: the row of `a` that each row of `b` is paired with
+    a_ids: Optional[list] = None  # the id of each `a` row (file data; None: the row number is the id)
+    b_ids: Optional[list] = None  # the id of each `b` row: the id it was paired by (an audio's captions share it)
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pairs (a[b_to_a], b): (N_b, D_A), (N_b, D_B); lazy when a is Rows."""

@@ -68,7 +68,7 @@ def test_quick_tables_are_produced_and_well_formed(tmp_path):
     assert text.strip() in r.stdout
     tables = re.split(r"^### ", text, flags=re.M)[1:]
     titles = [t.splitlines()[0] for t in tables]
-    expected = {"Table III analogue": 14, "Table IV analogue": 14, "Table V analogue": 3, "Table VI analogue": 5,
+    expected = {"Table III analogue": 18, "Table IV analogue": 18, "Table V analogue": 3, "Table VI analogue": 5,
                 "Table VII analogue": 3, "Objective": 3, "Direction embedding": 2, "Guidance scale": 3,
                 "Samples averaged": 3, "Blend weight": 5}
     assert len(titles) == len(expected)
@@ -82,8 +82,23 @@ def test_quick_tables_are_produced_and_well_formed(tmp_path):
             cells = [c.strip() for c in line.strip("|").split("|")][1:]
             assert len(cells) == header.count("|") - 2, line
             for c in cells:
-                # FD / paired cos do not exist for a blend of two scores
-                assert cell.match(c) or (c == "-" and "blend" in line), (title, line)
+                # FD / paired cos do not exist for a score that is not one generated embedding
+                assert cell.match(c) or (c == "-" and any(w in line for w in ("blend", "plug-in", "two-way"))), \
+                    (title, line)
+
+
+def test_regimes_table_has_every_method_and_a_choice_never_below_contrastive_on_val(tmp_path):
+    out = tmp_path / "regimes.md"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "regimes.py"), "--quick", "--regimes",
+                        "aligned", "--pairs", "audio-video", "--workers", "1", "--out", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    for method in ("contrastive", "ridge", "ridge two-way", "mlp", "mlp two-way", "plug-in", "diffgap", "two-way",
+                   "auto", "oracle"):
+        cells = rows[method].strip("|").split("|")[1:]
+        assert len(cells) == 2 and all(re.match(r" \d+\.\d \[\d+\.\d, \d+\.\d\]", c) for c in cells), rows[method]
+    assert re.search(r"\((contrastive|diffgap|two-way|blend-[\d.]+|two-way-blend-[\d.]+)\)", rows["auto"])
 
 
 def test_gaussian_plugin_ranks_by_the_conditional_log_likelihood():

@@ -51,20 +51,29 @@ def test_resume_continues_from_the_saved_step(trained, tmp_path):
 def test_sample_finds_the_checkpoint_and_reports_both_directions(trained):
     cwd, _ = trained
     out = run("sample.py", "--steps", "5", "--num-samples", "2", cwd=cwd).stdout
-    for row in ("B->A      diffgap", "B->A      blend", "B->A      two-way", "A->B      contrastive", "A->B      oracle"):
+    for row in ("B->A      diffgap", "B->A      blend-0.5", "B->A      two-way-blend-0.25", "A->B      contrastive",
+                "A->B      oracle"):
         assert row in out
-    assert "samples/s" in out and "FD" in out and "95% CI" in out and "R@1 gain over contrastive" in out
+    assert "FD" in out and "95% CI" in out and "R@1 gain over contrastive" in out and "val R@1" in out
     # the ranking samples are guided (the default), the generated embeddings are not
-    assert "K=2 samples averaged, guidance 16," in out and "one sample per query, guidance 1)" in out
+    assert "K=2 samples averaged, guidance 16;" in out and "one sample per query, guidance 1)" in out
+    # train.py translated the validation split with these settings; sample.py builds only test's
+    assert "val translations: reused" in out and "test translations: building" in out
+    chosen = [line for line in out.splitlines() if line.startswith(("B->A", "A->B")) and " * " in line + " "]
+    assert len(chosen) == 2 and "--score auto, chosen on the validation split: B->A " in out
+    again = run("sample.py", "--steps", "5", "--num-samples", "2", cwd=cwd).stdout
+    assert "test translations: reused" in again and "building" not in again
+    table = lambda text: text[text.index("test retrieval"):text.index("generation quality")]
+    assert table(again) == table(out)      # the cache holds the same numbers a rebuild draws
 
 
 def test_a_model_without_condition_dropout_ranks_unguided(trained, tmp_path):
     cwd, _ = trained
     out = run("train.py", "--pair", "audio-video", "--out", str(tmp_path), "--data", TINY, "--epochs", "1",
               "--p-uncond", "0", "--num-samples", "1", cwd=cwd).stdout
-    assert "samples averaged, guidance 1 (" in out
+    assert "samples averaged, guidance 1;" in out
     out = run("sample.py", "--ckpt", str(tmp_path / "audio-video" / "ckpt.pt"), "--num-samples", "1", cwd=cwd).stdout
-    assert "K=1 samples averaged, guidance 1," in out
+    assert "K=1 samples averaged, guidance 1;" in out
 
 
 def test_sample_generates_for_given_conditions(trained):

@@ -79,21 +79,46 @@ def test_frechet_distance_is_symmetric_for_non_commuting_covariances():
 
 
 @pytest.mark.parametrize("dims", [(16, 16), (16, 24)])   # the two halves may differ in dim
-def test_two_way_score_is_one_inner_product_and_ranks_like_the_dense_sum(dims):
+def test_every_score_is_one_inner_product_and_ranks_like_its_dense_formula(dims):
     d_q, d_g = dims
     g = torch.Generator().manual_seed(0)
     q, g_hat, gal, q_hat = (torch.randn(n, d, generator=g) for n, d in ((30, d_q), (30, d_g), (50, d_g), (50, d_q)))
-    qv, gv = dg.two_way_embeddings(q, g_hat, gal, q_hat)
-    assert qv.shape == (30, d_g + d_q) and gv.shape == (50, d_g + d_q)
-    dense = dg.cosine_scores(g_hat, gal) + dg.cosine_scores(q, q_hat)        # cos(g_hat_q, g) + cos(q, q_hat_g)
-    assert torch.allclose(qv @ gv.T, dense, atol=1e-5)
+    names = dg.score_names(d_q == d_g)
+    assert names == (["contrastive", "diffgap", "blend-0.25", "blend-0.5", "blend-0.75", "two-way",
+                      "two-way-blend-0.25", "two-way-blend-0.5", "two-way-blend-0.75"] if d_q == d_g
+                     else ["diffgap", "two-way"])
     single = torch.randint(0, 50, (30,), generator=g)
     many = torch.rand(30, 50, generator=g) < 0.1
     many[torch.arange(30), single] = True
-    for relevant in (single, many):
-        # every row of the concatenation has norm sqrt(2), so the cosine ranking is the sum's
-        assert dg.retrieval_metrics_from_embeddings(qv, gv, relevant) == pytest.approx(
-            dg.retrieval_metrics(qv @ gv.T, relevant))
+    for name in names:
+        learned, lam = dg.parse_score(name)
+        dense = dg.cosine_scores(g_hat, gal) if learned == "diffgap" else \
+            (dg.cosine_scores(g_hat, gal) + dg.cosine_scores(q, q_hat)) / 2
+        if lam < 1:
+            dense = (1 - lam) * dg.cosine_scores(q, gal) + lam * dense
+        qv, gv = dg.query_side(name, q, g_hat), dg.gallery_side(name, gal, q_hat)
+        assert qv.shape[1] == gv.shape[1] == (d_g if learned == "diffgap" else d_g + d_q)
+        assert torch.allclose(gv.norm(dim=1), torch.ones(50), atol=1e-6)      # unit rows: ready for an index
+        assert torch.allclose(qv @ gv.T, dense / (1 if learned == "diffgap" else 2 ** 0.5), atol=1e-5), name
+        for relevant in (single, many):
+            assert dg.score_retrieval(q, gal, relevant, g_hat, q_hat, scores=[name])[name]["R@1"] == \
+                pytest.approx(dg.retrieval_metrics(dense, relevant)["R@1"])
+
+
+def test_score_names_parse_and_bad_names_are_refused():
+    assert dg.parse_score("two-way-blend-0.3") == ("two-way", 0.3)
+    assert dg.parse_score("blend-0.25") == ("diffgap", 0.25)
+    assert dg.parse_score("contrastive") == ("diffgap", 0.0)
+    for bad in ("blend-1", "blend-0", "blend-x", "two-way-blend-", "cosine"):
+        with pytest.raises(ValueError, match="unknown score"):
+            dg.parse_score(bad)
+
+
+def test_choice_on_validation_takes_the_best_and_the_simpler_on_a_tie():
+    m = lambda r: {"R@1": r}
+    assert dg.choose_score({"contrastive": m(0.5), "diffgap": m(0.6), "two-way": m(0.7)}) == "two-way"
+    assert dg.choose_score({"contrastive": m(0.7), "diffgap": m(0.6), "two-way": m(0.7)}) == "contrastive"
+    assert dg.choose_score({"contrastive": m(0.5), "diffgap": m(0.6), "blend-0.5": m(0.6)}) == "diffgap"
 
 
 def test_bootstrap_interval_covers_the_mean_with_the_binomial_width():

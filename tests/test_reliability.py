@@ -116,6 +116,7 @@ BAD_TRAIN = [
     (["--data", "synthetic:n_train=100,vall=0.2"], "unknown synthetic option 'vall'"),
     (["--data", "synthetic:n_train=0"], "option n_train=0 must be >= 1"),
     (["--data", "synthetic:noise=-1"], "option noise=-1 must be >= 0"),
+    (["--data", "synthetic:preset=strong"], "unknown preset 'strong' (use default, aligned, multimodal)"),
     (["--data", "synthetic:dim=2"], "needs dim >= rank + 2 and nuisance_rank <= dim (got dim=2, rank=64"),
     (["--data", "synthetic:rank=600"], "needs dim >= rank + 2"),
     (["--data", "arrays:a=a.npy,b=b.npy,val=1.2"], "option val=1.2 must be in [0, 1)"),
@@ -140,7 +141,7 @@ def test_bad_train_option_is_one_line_and_writes_nothing(argv, message, tmp_path
 BAD_SAMPLE = [
     (["--steps", "0"], "argument --steps: must be finite, >= 1"),
     (["--num-samples", "0"], "argument --num-samples: must be finite, >= 1"),
-    (["--blend", "1.5"], "argument --blend: must be finite, >= 0 and <= 1"),
+    (["--score", "blend-1.5"], "argument --score: unknown score 'blend-1.5'"),
     (["--guidance", "nan"], "argument --guidance: must be finite"),
     (["--eta", "-1"], "argument --eta: must be finite, >= 0"),
     (["--split", "dev"], "argument --split: invalid choice"),

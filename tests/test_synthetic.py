@@ -50,3 +50,30 @@ def test_contrastive_baseline_is_far_from_perfect_with_headroom(data):
         ceiling = dg.retrieval_metrics(data.oracle(q, g, d), rel)["R@1"]
         assert 0.05 <= r1 <= 0.40
         assert ceiling > r1 + 0.3
+
+
+def test_the_default_data_is_what_it_was_before_the_presets():
+    # golden values from the generator before presets and variants were added
+    for pair, a0, b_last in (("audio-video", [-0.0507191, -0.0391998, 0.0603960], [-0.0749916, 0.0052571, 0.0663178]),
+                             ("audio-text", [-0.0008040, 0.0210630, -0.0719628], [0.0251414, 0.0645819, 0.0671346])):
+        test = synthetic_dataset(pair, n_train=50, n_val=5, n_test=5).splits["test"]
+        assert torch.allclose(test.a[0, :3], torch.tensor(a0), atol=1e-6)
+        assert torch.allclose(test.b[-1, :3], torch.tensor(b_last), atol=1e-6)
+
+
+def test_multimodal_audio_has_variants_that_video_does_not_show():
+    # one class, no within-class spread: the video embeddings form one blob, the audio four
+    # (3 directions of between-variant spread stand out of the covariance spectrum)
+    from embed_cache.synthetic import SyntheticSpace, make_config
+    space = SyntheticSpace("audio-video", make_config(preset="multimodal", classes=1, class_share=1.0))
+    split = space.sample_split(2000)
+    spectrum = lambda x: torch.linalg.eigvalsh(torch.cov(x.T.double())).flip(0)
+    audio, video = spectrum(split.a), spectrum(split.b)
+    assert audio[2] > 1.5 * audio[3] and video[0] < 1.3 * video[3]
+
+
+def test_presets_fill_only_what_is_not_given():
+    from embed_cache.synthetic import make_config
+    assert make_config(preset="aligned").n_train == 800 and make_config(preset="aligned", n_train=500).n_train == 500
+    with pytest.raises(ValueError, match="unknown preset 'x'"):
+        make_config(preset="x")

@@ -1,0 +1,125 @@
+"""The score chosen on validation (--score auto), the translation cache and the gallery export."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import diffgap as dg
+import embed_cache
+from train import split_scores, split_translations
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "synthetic:n_train=256,n_val=20,n_test=40"
+
+
+def run(script, *args, cwd, check=True):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 or not check, res.stderr[-2000:]
+    return res
+
+
+def trained_model(data, steps: int) -> dg.DiffGAP:
+    torch.manual_seed(0)
+    model = dg.DiffGAP(dg.DiffGAPConfig(ema_decay=0.99, switch_every=50))   # p_uncond 0.1, v: the defaults
+    train = data.splits["train"]
+    model.fit_stats(train.a, train.b)
+    a, b = train.pairs()
+    opt = dg.make_optimizer(model, 1e-3)
+    for _ in dg.train_steps(model, a, b, opt, steps, 64, seed=0):
+        pass
+    return model.eval()
+
+
+def test_translate_is_the_mean_of_sample_many():
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, time_dim=8)).eval()
+    cond = torch.randn(37, 8)
+    kw = dict(steps=3, guidance=2.0)
+    many = model.sample_many(cond, 0, 4, max_rows=40, generator=torch.Generator().manual_seed(1), **kw)   # (4, 37, 8)
+    mean = model.translate(cond, 0, 4, max_rows=40, generator=torch.Generator().manual_seed(1), **kw)
+    assert mean.shape == (37, 8) and torch.equal(mean, many.mean(0))
+
+
+@pytest.mark.parametrize("spec, steps", [("synthetic:preset=aligned", 300),
+                                         ("synthetic:n_val=200,n_test=200", 300)])   # the default design
+def test_auto_is_never_below_contrastive_on_validation(spec, steps, tmp_path):
+    data = embed_cache.load(spec, "audio-video")
+    model = trained_model(data, steps)
+    ckpt = str(tmp_path / "ckpt.pt")
+    dg.save_checkpoint(ckpt, model)
+    val = data.splits["val"]
+    tr = split_translations(model, val, "val", ckpt, num_samples=4, guidance=16.0, say=lambda *a: None)
+    for d in (0, 1):
+        results = split_scores(val, d, tr)
+        assert list(results) == dg.score_names()      # every candidate, contrastive first
+        chosen = dg.choose_score(results)
+        assert results[chosen]["R@1"] >= results["contrastive"]["R@1"]
+        assert results[chosen]["R@1"] == max(m["R@1"] for m in results.values())
+    if "aligned" in spec:   # the preset's promise: a strong space with few pairs
+        assert len(data.splits["train"].b) < 1000
+        q, g, rel = data.splits["test"].retrieval(0)
+        assert dg.retrieval_metrics_from_embeddings(q, g, rel)["R@1"] >= 0.8
+
+
+def test_translations_are_rebuilt_when_the_checkpoint_or_file_changes(tmp_path):
+    data = embed_cache.load(TINY, "audio-video")
+    model = trained_model(data, 4)
+    ckpt = str(tmp_path / "ckpt.pt")
+    dg.save_checkpoint(ckpt, model, step=4)
+    said = []
+    build = lambda k=2: split_translations(model, data.splits["val"], "val", ckpt, num_samples=k, say=said.append)
+    first = build()
+    assert "building" in said[-1 - 1] and os.path.exists(tmp_path / "ckpt.val-translations.npz")
+    assert first["b2a"].shape == (20, 512) and first["a2b"].shape == (20, 512)
+    assert all(torch.equal(first[k], v) for k, v in build().items()) and "reused" in said[-1]
+    build(3)
+    assert "building" in said[-2]                                    # other settings: rebuilt
+    dg.save_checkpoint(ckpt, model, step=5)                          # other checkpoint bytes: rebuilt
+    build(3)
+    assert "building" in said[-2]
+    (tmp_path / "ckpt.val-translations.npz").write_bytes(b"not a zip")
+    again = build()
+    assert "unreadable" in said[-3] and all(torch.equal(first[k], v) for k, v in again.items())
+
+
+def test_export_gallery_with_query_vectors_reproduces_the_chosen_score(tmp_path):
+    run("train.py", "--data", TINY, "--epochs", "2", "--num-samples", "2", "--no-eval", cwd=tmp_path)
+    out = run("sample.py", "--num-samples", "2", "--score", "two-way-blend-0.3", "--export-gallery", "idx",
+              cwd=tmp_path).stdout
+    row = next(line for line in out.splitlines() if line.startswith("B->A      two-way-blend-0.3 *"))
+    table_r1 = float(row.split()[3])            # direction, score, *, R@1 (no val column: not auto)
+    info = json.load(open(tmp_path / "idx" / "index.json"))["b2a"]
+    assert info["score"] == "two-way-blend-0.3" and info["rows"] == 40
+    gallery = torch.from_numpy(np.load(tmp_path / "idx" / "b2a.gallery.npy"))
+    assert gallery.shape == (40, 1024) and torch.allclose(gallery.norm(dim=1), torch.ones(40), atol=1e-5)
+    assert (tmp_path / "idx" / "b2a.ids.txt").read_text().split() == [str(i) for i in range(40)]
+    model, _ = dg.load_checkpoint(str(tmp_path / info["checkpoint"]))
+    model.eval()
+    data = embed_cache.load(info["data"], "audio-video")
+    q, _, rel = data.splits["test"].retrieval(0)
+    # the query side, as a user would compute it for new queries, with the export's settings
+    g = torch.Generator().manual_seed(dg.derived_seed(info["seed"], "translate", 0))
+    qv = dg.query_vectors(model, q, 0, info["score"], info["num_samples"], steps=info["steps"],
+                          guidance=info["guidance"], generator=g)
+    hits = ((qv @ gallery.T).argmax(1) == rel).float().mean().item()
+    assert hits * 100 == pytest.approx(table_r1, abs=0.05)
+
+
+def test_bad_score_names_are_refused(tmp_path):
+    res = run("sample.py", "--score", "blend-2", cwd=tmp_path, check=False)
+    assert res.returncode == 2 and "unknown score 'blend-2'" in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+def test_default_length_has_a_step_floor_and_says_why(tmp_path):
+    out = run("train.py", "--data", TINY, "--min-steps", "20", "--no-eval", cwd=tmp_path).stdout
+    # 256 pairs, batch 64: 4 steps an epoch, 30 epochs = 120 steps >= 20: the paper's 30 epochs
+    assert "training 120 steps: 30 epochs x 4 batches of 64 (30 epochs, the paper's)" in out
+    out = run("train.py", "--data", TINY, "--min-steps", "200", "--no-eval", "--out", "b", cwd=tmp_path).stdout
+    assert "training 200 steps: 50 epochs x 4 batches of 64 (30 epochs would be 120 steps, under --min-steps 200)" in out
+    assert torch.load(tmp_path / "b" / "audio-video" / "ckpt.pt", weights_only=True)["step"] == 200
+    out = run("train.py", "--data", TINY, "--epochs", "2", "--no-eval", "--out", "c", cwd=tmp_path).stdout
+    assert "training 8 steps: 2 epochs x 4 batches of 64 (--epochs 2; fewer than 3000 steps" in out
