@@ -756,17 +756,6 @@ def choose_score(val_results: dict[str, dict]) -> str:
     return max(val_results, key=lambda name: val_results[name]["R@1"])
 
 
-@torch.no_grad()
-def evaluate_retrieval(model: DiffGAP, queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
-                       direction: int, num_samples: int = 16, scores: list[str] | None = None, **sample_kw):
-    """score_retrieval with the translations drawn here: K = num_samples samples per query in
-    `direction` and, for two-way, per gallery item in the other; sample_kw as in sample()."""
-    g_hat_q = model.translate(queries, direction, num_samples, **sample_kw)                # (Q, D_g)
-    two_way = scores is None or any("two-way" in s for s in scores)
-    q_hat_g = model.translate(gallery, 1 - direction, num_samples, **sample_kw) if two_way else None  # (G, D_q)
-    return score_retrieval(queries, gallery, relevant, g_hat_q, q_hat_g, scores)
-
-
 # ----------------------------------------------------------------------------------------
 # 6. Checkpoints: plain dicts of tensors and Python types, written atomically (DESIGN 3.10)
 # ----------------------------------------------------------------------------------------

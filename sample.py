@@ -111,7 +111,10 @@ def export_gallery(folder: str, split, direction: int, score: str, translations:
     ids = (split.a_ids if direction == 0 else split.b_ids) or [str(i) for i in range(len(gal))]
     dg.atomic_write(os.path.join(folder, f"{name}.ids.txt"), lambda f: f.write("".join(f"{i}\n" for i in ids).encode()))
     path = os.path.join(folder, "index.json")
-    entries = json.load(open(path)) if os.path.exists(path) else {}
+    entries = {}
+    if os.path.exists(path):   # the other direction's entry, from this or an earlier export
+        with open(path) as f:
+            entries = json.load(f)
     entries[name] = dict(info, score=score, direction=direction, rows=len(gal),
                          query=f"diffgap.query_vectors(model, queries, {direction}, {score!r}, "
                                f"num_samples={info['num_samples']}, steps={info['steps']}, guidance={info['guidance']:g})")
