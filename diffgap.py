@@ -710,7 +710,8 @@ def query_side(score: str, q: torch.Tensor, g_hat_q: torch.Tensor | None = None)
 
 def gallery_side(score: str, g: torch.Tensor, q_hat_g: torch.Tensor | None = None) -> torch.Tensor:
     """Unit gallery vectors of a score (see query_side): g (G, D_g) and, for two-way, its
-    translations q_hat_g (G, D_q) into the query's modality -> (G, D_g) or (G, D_g + D_q)."""
+    translations q_hat_g (G, D_q) into the query's modality -> (G, D_g) or (G, D_g + D_q).
+    [g ; q_hat_g] of unit halves is scaled by 1/sqrt(2): every score shrinks alike, the ranking stays."""
     g = F.normalize(g.float(), dim=-1)
     if parse_score(score)[0] == "diffgap":
         return g
