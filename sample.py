@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=number(float), default=1.0,
                    help="guidance scale of generated embeddings (--cond, FD, paired cos); 1: none")
     p.add_argument("--rank-guidance", type=number(float), default=RANK_GUIDANCE,
-                   help="guidance scale of the K samples averaged for the diffgap / blend retrieval scores "
+                   help="guidance scale of the K samples averaged for the learned retrieval scores "
                         "(1 for models trained with --p-uncond 0)")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged for the diffgap score")
     p.add_argument("--score", type=score_name, default="auto",

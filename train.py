@@ -113,7 +113,7 @@ def parse_args(argv=None):
                    help="condition dropout in [0, 1), which enables classifier-free guidance; default 0.1 "
                         "(0: paper-faithful, no guidance)")
     p.add_argument("--rank-guidance", type=number(float), default=RANK_GUIDANCE,
-                   help="guidance scale of the samples averaged for the diffgap retrieval score")
+                   help="guidance scale of the samples averaged for the learned retrieval scores")
     p.add_argument("--ema-decay", type=number(float, 0, 1, hi_open=True), help="in [0, 1), default 0.999; 0 turns EMA off")
     p.add_argument("--no-direction-embedding", action="store_const", const=True, help="paper-faithful shared network")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged in the final evaluation")
