@@ -249,7 +249,8 @@ def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str
     say(f"{split_name} translations: building (K={num_samples} samples of {len(a) + len(b)} rows, {steps} {sampler} "
         f"steps, guidance {guidance:g}), once per checkpoint and split")
     t0 = time.perf_counter()
-    out = translate_split(model, split, num_samples, steps, sampler, eta, guidance, seed)
+    out = translate_split(model, embed_cache.Split(a=a, b=b, b_to_a=split.b_to_a), num_samples, steps, sampler, eta,
+                          guidance, seed)   # the rows already read, not read again from a memory-mapped file
     secs = time.perf_counter() - t0
     dg.atomic_write(path, lambda f: np.savez(f, key=np.array(key), **{k: v.numpy() for k, v in out.items()}))
     say(f"{split_name} translations: built in {secs:.1f} s ({num_samples * (len(a) + len(b)) / secs:,.0f} samples/s), "
