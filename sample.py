@@ -24,8 +24,8 @@ import torch
 
 import diffgap as dg
 import embed_cache
-from train import (DIRECTIONS, RANK_GUIDANCE, ArgParser, check_dims, number, pick_device, rank_guidance,
-                   retrieval_table, run_cli, split_scores, split_translations)
+from train import (DIRECTIONS, GALLERY_GUIDANCE, RANK_GUIDANCE, ArgParser, check_dims, guidance_words, number,
+                   pick_device, rank_guidance, retrieval_table, run_cli, split_scores, split_translations)
 
 
 def parse_args(argv=None):
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--rank-guidance", type=number(float), default=RANK_GUIDANCE,
                    help="guidance scale of the K samples averaged for the learned retrieval scores "
                         "(1 for models trained with --p-uncond 0)")
+    p.add_argument("--gallery-guidance", type=number(float), default=GALLERY_GUIDANCE,
+                   help=f"guidance scale of the gallery side of the two-way scores (default {GALLERY_GUIDANCE:g})")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged for the diffgap score")
     p.add_argument("--score", type=score_name, default="auto",
                    help="the score to mark and export: auto (default: per direction, the best validation R@1 among "
@@ -104,7 +106,8 @@ def export_gallery(folder: str, split, direction: int, score: str, translations:
     """DIR/<b2a|a2b>.gallery.npy (G, D') unit rows of the score's gallery side, .ids.txt one id per
     row, and index.json: what a query needs to be scored against them (diffgap.query_vectors)."""
     _, gal, _ = split.retrieval(direction)
-    q_hat_g = translations["a2b" if direction == 0 else "b2a"]
+    other = "a2b" if direction == 0 else "b2a"
+    q_hat_g = translations.get(other + "_gallery", translations[other])
     name = ("b2a", "a2b")[direction]
     os.makedirs(folder, exist_ok=True)
     save_npy(os.path.join(folder, f"{name}.gallery.npy"), dg.gallery_side(score, gal, q_hat_g))
@@ -143,8 +146,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--score {args.score}: with dims {data.dims[0]}/{data.dims[1]} use one of {', '.join(names)}")
         names.append(args.score)
     print(f"checkpoint {path} (step {ckpt['step']}); {data.summary()}")
-    rank_g = rank_guidance(model, args.rank_guidance)
-    kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=rank_g, seed=args.seed)
+    rank_g, gallery_g = rank_guidance(model, args.rank_guidance), rank_guidance(model, args.gallery_guidance)
+    kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=rank_g, seed=args.seed,
+              gallery_guidance=gallery_g)
     needed = [args.split] + (["val"] if args.score == "auto" and args.split != "val" else [])
     translations = {name: split_translations(model, data.splits[name], name, path, args.num_samples, **kw)
                     for name in needed}
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
         print("--score auto, chosen on the validation split: " + "; ".join(
             f"{DIRECTIONS[d]} {chosen[d]} (val R@1 {100 * results[d][chosen[d]]['val R@1']:.1f})" for d in directions))
     print(retrieval_table(results, f"{args.split} retrieval (%), {args.steps} {args.sampler} steps, "
-                                   f"K={args.num_samples} samples averaged, guidance {rank_g:g}; "
+                                   f"K={args.num_samples} samples averaged, {guidance_words(rank_g, gallery_g)}; "
                                    f"* the score {'chosen on validation' if args.score == 'auto' else 'asked for'}:",
                           chosen))
     print(f"generation quality ({args.split} split, one sample per query, guidance {args.guidance:g}):")
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
         print("oracle: the synthetic generator's own likelihood ranking (a reference ceiling, not a model)")
     if args.export_gallery:
         info = dict(checkpoint=path, data=data.spec, split=args.split, num_samples=args.num_samples, steps=args.steps,
-                    sampler=args.sampler, eta=args.eta, guidance=rank_g, seed=args.seed)
+                    sampler=args.sampler, eta=args.eta, guidance=rank_g, gallery_guidance=gallery_g, seed=args.seed)
         for d in directions:
             export_gallery(args.export_gallery, split, d, chosen[d], translations[args.split], info)
     return 0

@@ -37,6 +37,10 @@ DIRECTIONS = {0: "B->A", 1: "A->B"}
 # validation split of synthetic seed 0 among 1-16 and confirmed on held-out seeds 3 and 4
 # (README, Results: test R@1 17.6 -> 37.4 on seed 4). Generation keeps guidance 1.
 RANK_GUIDANCE = 16.0
+# The two-way score's gallery side (each gallery item translated into the query's modality)
+# ranks best with milder guidance: on the validation split of both default checkpoints, 8 was
+# the best of 1-16 in all four pair-direction cells, 1.0-1.8 R@1 above 16 (results/README.md).
+GALLERY_GUIDANCE = 8.0
 # The default run's length floor. 30 epochs of 250 pairs are 120 steps, after which the learned
 # scores lose to contrastive by 30 points; 3,000 steps of batch 64 are ~30 s on a 2-core CPU.
 MIN_STEPS = 3000
@@ -45,6 +49,11 @@ MIN_STEPS = 3000
 def rank_guidance(model, scale: float) -> float:
     """The retrieval guidance scale, or 1 for a model trained without condition dropout."""
     return scale if model.config.p_uncond > 0 else 1.0
+
+
+def guidance_words(guidance: float, gallery_guidance: float) -> str:
+    """The guidance scales of a retrieval table's title."""
+    return f"guidance {guidance:g}" + ("" if gallery_guidance == guidance else f" ({gallery_guidance:g} for two-way galleries)")
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -114,6 +123,8 @@ def parse_args(argv=None):
                         "(0: paper-faithful, no guidance)")
     p.add_argument("--rank-guidance", type=number(float), default=RANK_GUIDANCE,
                    help="guidance scale of the samples averaged for the learned retrieval scores")
+    p.add_argument("--gallery-guidance", type=number(float), default=GALLERY_GUIDANCE,
+                   help=f"guidance scale of the gallery side of the two-way scores (default {GALLERY_GUIDANCE:g})")
     p.add_argument("--ema-decay", type=number(float, 0, 1, hi_open=True), help="in [0, 1), default 0.999; 0 turns EMA off")
     p.add_argument("--no-direction-embedding", action="store_const", const=True, help="paper-faithful shared network")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged in the final evaluation")
@@ -201,35 +212,43 @@ def retrieval_table(results: dict, title: str, chosen: dict | None = None) -> st
 
 
 def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, sampler: str = "ddim",
-                    eta: float = 0.0, guidance: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
+                    eta: float = 0.0, guidance: float = 1.0, seed: int = 0,
+                    gallery_guidance: float | None = None) -> dict[str, torch.Tensor]:
     """{"b2a": (N_b, D_A), "a2b": (N_a, D_B)}: every row of a split translated into the other
     modality (the mean of num_samples samples, DiffGAP.translate), on the CPU. Each direction
-    draws from its own generator seeded by (seed, direction)."""
+    draws from its own generator seeded by (seed, direction). With a gallery_guidance other than
+    guidance, also "b2a_gallery" and "a2b_gallery": the same rows translated with that guidance,
+    for the gallery side of the two-way scores (split_scores)."""
     device = next(model.parameters()).device
     out = {}
-    for name, x, direction in (("b2a", split.b, 0), ("a2b", split.a, 1)):
-        x = x[:] if isinstance(x, embed_cache.Rows) else x
-        g = torch.Generator(device=device).manual_seed(dg.derived_seed(seed, "translate", direction))
-        out[name] = model.translate(x.to(device), direction, num_samples, steps=steps, sampler=sampler, eta=eta,
-                                    guidance=guidance, generator=g).cpu()
+    scales = {"": guidance} if gallery_guidance in (None, guidance) else {"": guidance, "_gallery": gallery_guidance}
+    for suffix, scale in scales.items():
+        for name, x, direction in (("b2a", split.b, 0), ("a2b", split.a, 1)):
+            x = x[:] if isinstance(x, embed_cache.Rows) else x
+            g = torch.Generator(device=device).manual_seed(dg.derived_seed(seed, "translate", direction))
+            out[name + suffix] = model.translate(x.to(device), direction, num_samples, steps=steps, sampler=sampler,
+                                                 eta=eta, guidance=scale, generator=g).cpu()
     return out
 
 
 def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str, num_samples: int, steps: int = 5,
                        sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0, seed: int = 0,
-                       say=print) -> dict[str, torch.Tensor]:
+                       gallery_guidance: float | None = None, say=print) -> dict[str, torch.Tensor]:
     """Every row of a split translated into the other modality, cached beside the checkpoint.
 
-    Returns {"b2a": (N_b, D_A), "a2b": (N_a, D_B)}: the mean of num_samples samples per row
-    (DiffGAP.translate), from which every score of both directions follows (query side and,
-    for two-way, gallery side). The file CKPT_STEM.<split>-translations.npz is reused while the
-    checkpoint's bytes, the split's embeddings and these settings are unchanged, and rebuilt
-    otherwise; a cached and a rebuilt translation are the same numbers (translate_split).
+    Returns translate_split's dict: {"b2a": (N_b, D_A), "a2b": (N_a, D_B)}, the mean of
+    num_samples samples per row (DiffGAP.translate), and, with a gallery_guidance other than
+    guidance, the same at that scale ("b2a_gallery", "a2b_gallery"); every score of both
+    directions follows from them (query side and, for two-way, gallery side). The file
+    CKPT_STEM.<split>-translations.npz is reused while the checkpoint's bytes, the split's
+    embeddings and these settings are unchanged, and rebuilt otherwise; a cached and a rebuilt
+    translation are the same numbers.
     """
     a, b = (x[:] if isinstance(x, embed_cache.Rows) else x for x in (split.a, split.b))
     device = next(model.parameters()).device
+    gallery_guidance = None if gallery_guidance == guidance else gallery_guidance
     settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=guidance, seed=seed,
-                    device=device.type, kernels=dg.KERNELS)
+                    gallery_guidance=gallery_guidance, device=device.type, kernels=dg.KERNELS)
     digest = hashlib.blake2b(repr(sorted(settings.items())).encode(), digest_size=16)
     with open(ckpt_path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -237,31 +256,35 @@ def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str
     for x in (a, b, split.b_to_a):
         digest.update(x.contiguous().numpy().tobytes())
     key, path = digest.hexdigest(), os.path.splitext(ckpt_path)[0] + f".{split_name}-translations.npz"
+    shapes = {f"{name}{suffix}": shape for name, shape in (("b2a", (len(b), a.shape[1])), ("a2b", (len(a), b.shape[1])))
+              for suffix in ("", "_gallery")[:1 if gallery_guidance is None else 2]}
     try:
         with np.load(path) as z:
-            if str(z["key"]) == key and z["b2a"].shape == (len(b), a.shape[1]) and z["a2b"].shape == (len(a), b.shape[1]):
+            if str(z["key"]) == key and all(z[name].shape == shape for name, shape in shapes.items()):
                 say(f"{split_name} translations: reused {path}")
-                return {name: torch.from_numpy(z[name]) for name in ("b2a", "a2b")}
+                return {name: torch.from_numpy(z[name]) for name in shapes}
     except FileNotFoundError:
         pass
     except Exception as e:   # unreadable or from an older layout: rebuild it
         say(f"{split_name} translations: {path} is unreadable ({type(e).__name__}), rebuilding")
-    say(f"{split_name} translations: building (K={num_samples} samples of {len(a) + len(b)} rows, {steps} {sampler} "
-        f"steps, guidance {guidance:g}), once per checkpoint and split")
+    samples = num_samples * (len(a) + len(b)) * (1 if gallery_guidance is None else 2)
+    again = "" if gallery_guidance is None else f" and again at {gallery_guidance:g} for two-way galleries"
+    say(f"{split_name} translations: building (K={num_samples} samples for each of {len(a) + len(b)} rows, {steps} "
+        f"{sampler} steps, guidance {guidance:g}{again}: {samples:,} samples), once per checkpoint and split")
     t0 = time.perf_counter()
     out = translate_split(model, embed_cache.Split(a=a, b=b, b_to_a=split.b_to_a), num_samples, steps, sampler, eta,
-                          guidance, seed)   # the rows already read, not read again from a memory-mapped file
+                          guidance, seed, gallery_guidance)   # the rows already read, not read again from a memmap
     secs = time.perf_counter() - t0
     dg.atomic_write(path, lambda f: np.savez(f, key=np.array(key), **{k: v.numpy() for k, v in out.items()}))
-    say(f"{split_name} translations: built in {secs:.1f} s ({num_samples * (len(a) + len(b)) / secs:,.0f} samples/s), "
-        f"saved to {path}")
+    say(f"{split_name} translations: built in {secs:.1f} s ({samples / secs:,.0f} samples/s), saved to {path}")
     return out
 
 
 def split_scores(split, direction: int, translations: dict, scores=None) -> dict[str, dict]:
     """dg.score_retrieval for one direction of a split, from split_translations' output."""
     q, gal, rel = split.retrieval(direction)
-    g_hat_q, q_hat_g = (translations["b2a"], translations["a2b"])[::1 if direction == 0 else -1]
+    query, gallery = ("b2a", "a2b")[::1 if direction == 0 else -1]
+    g_hat_q, q_hat_g = translations[query], translations.get(gallery + "_gallery", translations[gallery])
     return dg.score_retrieval(q, gal, rel, g_hat_q, q_hat_g, scores)
 
 
@@ -395,15 +418,18 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
 
     model.eval()
     val, guidance = data.splits["val"], rank_guidance(model, args.rank_guidance)
+    gallery_guidance = rank_guidance(model, args.gallery_guidance)
     # sample.py reuses these translations (its defaults: K 16, 5 DDIM steps, sampling seed 0)
-    translations = split_translations(model, val, "val", ckpt_path, args.num_samples, guidance=guidance)
+    translations = split_translations(model, val, "val", ckpt_path, args.num_samples, guidance=guidance,
+                                      gallery_guidance=gallery_guidance)
     results, chosen = {}, {}
     for d in (0, 1):
         every = split_scores(val, d, translations)
         chosen[d] = dg.choose_score(every)
         results[d] = {k: v for k, v in every.items() if k in ("contrastive", "diffgap", "two-way", chosen[d])}
     say(retrieval_table(results, f"validation retrieval (%), 5 DDIM steps, K={args.num_samples} samples averaged, "
-                                 f"guidance {guidance:g}; * the score sample.py --score auto will use:", chosen))
+                                 f"{guidance_words(guidance, gallery_guidance)}; * the score sample.py --score auto "
+                                 f"will use:", chosen))
     return 0
 
 

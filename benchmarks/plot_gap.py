@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import diffgap as dg  # noqa: E402
 import embed_cache  # noqa: E402
 from sample import find_checkpoint  # noqa: E402
-from train import RANK_GUIDANCE, rank_guidance  # noqa: E402
+from train import GALLERY_GUIDANCE, RANK_GUIDANCE, rank_guidance  # noqa: E402
 
 COLOURS = {"audio": "#1f77b4", "other": "#ff7f0e", "generated": "#2ca02c", "B->A": "#1f77b4", "A->B": "#d62728"}
 KS = (1, 2, 4, 8, 16)
@@ -106,7 +106,9 @@ def main(argv=None) -> int:
     for d, name in ((0, "B->A"), (1, "A->B")):
         q, gal, rel = test.retrieval(d)
         curves[name] = [(k, 100 * recall_at_1(samples[d][:k].mean(0), gal, rel)) for k in KS]
-        two = dg.score_retrieval(q, gal, rel, samples[d].mean(0), samples[1 - d].mean(0), scores=["contrastive", "two-way"])
+        q_hat_g = model.translate(gal, 1 - d, max(KS), steps=5, guidance=rank_guidance(model, GALLERY_GUIDANCE),
+                                  generator=g)                                   # the gallery side, as sample.py
+        two = dg.score_retrieval(q, gal, rel, samples[d].mean(0), q_hat_g, scores=["contrastive", "two-way"])
         flat[name] = (100 * two["contrastive"]["R@1"], 100 * two["two-way"]["R@1"])
     top = max(max(v for _, v in c) for c in curves.values())
     top = max(top, *(t for _, t in flat.values()))

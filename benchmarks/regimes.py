@@ -9,7 +9,8 @@ video has 4 plausible soundtracks it does not show: a regressor's mean falls bet
 
 DiffGAP is trained as `python train.py` trains it (its defaults: condition dropout 0.1, switch
 every 500 steps, Adam 1e-3, batch 64, 30 epochs or at least train.MIN_STEPS steps) and scored as `python sample.py` scores it (K = 16
-samples of 5-step DDIM, guidance 16; `auto` is the score chosen on validation). Baselines on
+samples of 5-step DDIM, guidance 16, and 8 for two-way's gallery side; `auto` is the score
+chosen on validation). Baselines on
 the same splits: ridge and an MLP of the same size and steps (one-way, and two-way: each side
 translated by the regressor of its direction), and the Gaussian plug-in. The oracle is the
 generator's own likelihood (for multimodal a moment-matched Gaussian, not the Bayes rule).
@@ -33,7 +34,7 @@ import diffgap as dg  # noqa: E402
 import embed_cache  # noqa: E402
 from baselines import MLPBaseline, fit_plugin, fit_ridge, ridge_predict  # noqa: E402
 from paper_tables import run_all  # noqa: E402
-from train import MIN_STEPS, RANK_GUIDANCE, RUN_OPTIONS, split_scores, translate_split  # noqa: E402
+from train import GALLERY_GUIDANCE, MIN_STEPS, RANK_GUIDANCE, RUN_OPTIONS, split_scores, translate_split  # noqa: E402
 
 REGIMES = {"default": "synthetic", "aligned": "synthetic:preset=aligned", "multimodal": "synthetic:preset=multimodal"}
 QUICK = ",n_train=600,n_val=100,n_test=100"
@@ -84,7 +85,7 @@ def run_job(job: tuple) -> list[tuple]:
     torch.manual_seed(seed)
     mlp = train(MLPBaseline(dg.DiffGAPConfig(**{**asdict(product_config(data)), "p_uncond": 0.0})), data, steps, seed)
     K = 4 if quick else 16
-    kw = dict(num_samples=K, steps=5, guidance=RANK_GUIDANCE, seed=seed)
+    kw = dict(num_samples=K, steps=5, guidance=RANK_GUIDANCE, gallery_guidance=GALLERY_GUIDANCE, seed=seed)
     tr = {name: translate_split(model, data.splits[name], **kw) for name in ("val", "test")}
     test, out = data.splits["test"], []
     for d in (0, 1):

@@ -56,7 +56,7 @@ def test_sample_finds_the_checkpoint_and_reports_both_directions(trained):
         assert row in out
     assert "FD" in out and "95% CI" in out and "R@1 gain over contrastive" in out and "val R@1" in out
     # the ranking samples are guided (the default), the generated embeddings are not
-    assert "K=2 samples averaged, guidance 16;" in out and "one sample per query, guidance 1)" in out
+    assert "K=2 samples averaged, guidance 16 (8 for two-way galleries);" in out and "one sample per query, guidance 1)" in out
     # train.py translated the validation split with these settings; sample.py builds only test's
     assert "val translations: reused" in out and "test translations: building" in out
     chosen = [line for line in out.splitlines() if line.startswith(("B->A", "A->B")) and " * " in line + " "]

@@ -86,6 +86,31 @@ def test_translations_are_rebuilt_when_the_checkpoint_or_file_changes(tmp_path):
     assert "unreadable" in said[-3] and all(torch.equal(first[k], v) for k, v in again.items())
 
 
+def test_two_way_galleries_use_their_own_guidance(tmp_path):
+    data = embed_cache.load(TINY, "audio-video")
+    model = trained_model(data, 4)
+    ckpt, val = str(tmp_path / "ckpt.pt"), data.splits["val"]
+    dg.save_checkpoint(ckpt, model)
+    said = []
+    build = lambda gg: split_translations(model, val, "val", ckpt, num_samples=2, guidance=16.0, gallery_guidance=gg,
+                                          say=said.append)
+    tr = build(8.0)
+    assert sorted(tr) == ["a2b", "a2b_gallery", "b2a", "b2a_gallery"]
+    assert "guidance 16 and again at 8 for two-way galleries: 160 samples)" in said[0]
+    g = torch.Generator().manual_seed(dg.derived_seed(0, "translate", 1))   # seeded as translate_split seeds
+    assert torch.equal(tr["a2b_gallery"], model.translate(val.a, 1, 2, guidance=8.0, generator=g))
+    assert not torch.equal(tr["a2b_gallery"], tr["a2b"])
+    assert all(torch.equal(tr[k], v) for k, v in build(8.0).items()) and "reused" in said[-1]
+    assert sorted(build(16.0)) == ["a2b", "b2a"] and "guidance 16: 80 samples)" in said[-2]   # one scale, one pass
+    # two-way takes its gallery side from the *_gallery rows, the query side and diffgap from the others
+    tr = dict(tr, a2b_gallery=torch.randn(20, 512))
+    q, gal, rel = val.retrieval(0)
+    got = split_scores(val, 0, tr, ["diffgap", "two-way"])
+    want = dg.score_retrieval(q, gal, rel, tr["b2a"], tr["a2b_gallery"], ["diffgap", "two-way"])
+    assert {k: got[k]["mAP@10"] for k in got} == {k: want[k]["mAP@10"] for k in want}
+    assert got["two-way"]["mAP@10"] != split_scores(val, 0, {"b2a": tr["b2a"], "a2b": tr["a2b"]})["two-way"]["mAP@10"]
+
+
 def test_export_gallery_with_query_vectors_reproduces_the_chosen_score(tmp_path):
     run("train.py", "--data", TINY, "--epochs", "2", "--num-samples", "2", "--no-eval", cwd=tmp_path)
     out = run("sample.py", "--num-samples", "2", "--score", "two-way-blend-0.3", "--export-gallery", "idx",
