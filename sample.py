@@ -10,7 +10,8 @@ contrastive, diffgap, two-way and their blends with contrastive), each R@1 with 
 and marks with * the score chosen on the validation split (--score auto): the reader sees its
 test figure beside every candidate's. Then the Frechet distance and mean paired cosine of the
 generated embeddings (one sample per query). Every row of a split is translated once (K samples
-averaged) and cached beside the checkpoint; a second run reuses it. EMA weights are used.
+averaged, with guidance 16 for queries and 8 for two-way's gallery side) and cached beside the
+checkpoint; a second run reuses it. EMA weights are used.
 """
 from __future__ import annotations
 
