@@ -25,8 +25,9 @@ import torch
 
 import diffgap as dg
 import embed_cache
-from train import (DIRECTIONS, GALLERY_GUIDANCE, RANK_GUIDANCE, ArgParser, check_dims, guidance_words, number,
-                   pick_device, rank_guidance, retrieval_table, run_cli, split_scores, split_translations)
+from train import (DIRECTIONS, GALLERY_GUIDANCE, RANK_GUIDANCE, ArgParser, check_dims, gallery_translations,
+                   guidance_words, number, pick_device, rank_guidance, retrieval_table, run_cli, split_scores,
+                   split_translations)
 
 
 def parse_args(argv=None):
@@ -107,11 +108,10 @@ def export_gallery(folder: str, split, direction: int, score: str, translations:
     """DIR/<b2a|a2b>.gallery.npy (G, D') unit rows of the score's gallery side, .ids.txt one id per
     row, and index.json: what a query needs to be scored against them (diffgap.query_vectors)."""
     _, gal, _ = split.retrieval(direction)
-    other = "a2b" if direction == 0 else "b2a"
-    q_hat_g = translations.get(other + "_gallery", translations[other])
     name = ("b2a", "a2b")[direction]
     os.makedirs(folder, exist_ok=True)
-    save_npy(os.path.join(folder, f"{name}.gallery.npy"), dg.gallery_side(score, gal, q_hat_g))
+    save_npy(os.path.join(folder, f"{name}.gallery.npy"),
+             dg.gallery_side(score, gal, gallery_translations(translations, direction)))
     ids = (split.a_ids if direction == 0 else split.b_ids) or [str(i) for i in range(len(gal))]
     dg.atomic_write(os.path.join(folder, f"{name}.ids.txt"), lambda f: f.write("".join(f"{i}\n" for i in ids).encode()))
     path = os.path.join(folder, "index.json")

@@ -280,12 +280,18 @@ def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str
     return out
 
 
+def gallery_translations(translations: dict, direction: int) -> torch.Tensor:
+    """The gallery side of a direction's two-way scores from split_translations' output: the
+    gallery translated the other way, at the gallery guidance when that was built apart."""
+    name = "a2b" if direction == 0 else "b2a"
+    return translations.get(name + "_gallery", translations[name])
+
+
 def split_scores(split, direction: int, translations: dict, scores=None) -> dict[str, dict]:
     """dg.score_retrieval for one direction of a split, from split_translations' output."""
     q, gal, rel = split.retrieval(direction)
-    query, gallery = ("b2a", "a2b")[::1 if direction == 0 else -1]
-    g_hat_q, q_hat_g = translations[query], translations.get(gallery + "_gallery", translations[gallery])
-    return dg.score_retrieval(q, gal, rel, g_hat_q, q_hat_g, scores)
+    g_hat_q = translations["b2a" if direction == 0 else "a2b"]
+    return dg.score_retrieval(q, gal, rel, g_hat_q, gallery_translations(translations, direction), scores)
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
