@@ -39,7 +39,8 @@ DIRECTIONS = {0: "B->A", 1: "A->B"}
 RANK_GUIDANCE = 16.0
 # The two-way score's gallery side (each gallery item translated into the query's modality)
 # ranks best with milder guidance: on the validation split of both default checkpoints, 8 was
-# the best of 1-16 in all four pair-direction cells, 1.0-1.8 R@1 above 16 (results/README.md).
+# the best of 1-16 in all four pair-direction cells, 1.0-1.9 R@1 above 16, and it held on a
+# held-out seed (results/README.md).
 GALLERY_GUIDANCE = 8.0
 # The default run's length floor. 30 epochs of 250 pairs are 120 steps, after which the learned
 # scores lose to contrastive by 30 points; 3,000 steps of batch 64 are ~30 s on a 2-core CPU.
@@ -220,14 +221,15 @@ def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, 
     guidance, also "b2a_gallery" and "a2b_gallery": the same rows translated with that guidance,
     for the gallery side of the two-way scores (split_scores)."""
     device = next(model.parameters()).device
-    out = {}
+    rows = {name: (x[:] if isinstance(x, embed_cache.Rows) else x).to(device)   # read once, used at every scale
+            for name, x in (("b2a", split.b), ("a2b", split.a))}
     scales = {"": guidance} if gallery_guidance in (None, guidance) else {"": guidance, "_gallery": gallery_guidance}
+    out = {}
     for suffix, scale in scales.items():
-        for name, x, direction in (("b2a", split.b, 0), ("a2b", split.a, 1)):
-            x = x[:] if isinstance(x, embed_cache.Rows) else x
+        for direction, (name, x) in enumerate(rows.items()):
             g = torch.Generator(device=device).manual_seed(dg.derived_seed(seed, "translate", direction))
-            out[name + suffix] = model.translate(x.to(device), direction, num_samples, steps=steps, sampler=sampler,
-                                                 eta=eta, guidance=scale, generator=g).cpu()
+            out[name + suffix] = model.translate(x, direction, num_samples, steps=steps, sampler=sampler, eta=eta,
+                                                 guidance=scale, generator=g).cpu()
     return out
 
 
@@ -256,8 +258,9 @@ def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str
     for x in (a, b, split.b_to_a):
         digest.update(x.contiguous().numpy().tobytes())
     key, path = digest.hexdigest(), os.path.splitext(ckpt_path)[0] + f".{split_name}-translations.npz"
-    shapes = {f"{name}{suffix}": shape for name, shape in (("b2a", (len(b), a.shape[1])), ("a2b", (len(a), b.shape[1])))
-              for suffix in ("", "_gallery")[:1 if gallery_guidance is None else 2]}
+    suffixes = ("",) if gallery_guidance is None else ("", "_gallery")
+    shapes = {name + suffix: shape for name, shape in (("b2a", (len(b), a.shape[1])), ("a2b", (len(a), b.shape[1])))
+              for suffix in suffixes}
     try:
         with np.load(path) as z:
             if str(z["key"]) == key and all(z[name].shape == shape for name, shape in shapes.items()):
@@ -267,7 +270,7 @@ def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str
         pass
     except Exception as e:   # unreadable or from an older layout: rebuild it
         say(f"{split_name} translations: {path} is unreadable ({type(e).__name__}), rebuilding")
-    samples = num_samples * (len(a) + len(b)) * (1 if gallery_guidance is None else 2)
+    samples = num_samples * (len(a) + len(b)) * len(suffixes)
     again = "" if gallery_guidance is None else f" and again at {gallery_guidance:g} for two-way galleries"
     say(f"{split_name} translations: building (K={num_samples} samples for each of {len(a) + len(b)} rows, {steps} "
         f"{sampler} steps, guidance {guidance:g}{again}: {samples:,} samples), once per checkpoint and split")
