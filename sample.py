@@ -154,12 +154,13 @@ def main(argv=None) -> int:
     translations = {name: split_translations(model, data.splits[name], name, path, args.num_samples, **kw)
                     for name in needed}
     split = data.splits[args.split]
-    results, chosen, quality = {}, {}, []
+    results, chosen, reasons, quality = {}, {}, {}, []
     for d in directions:
         results[d] = split_scores(split, d, translations[args.split], names)
         if args.score == "auto":
             val = results[d] if args.split == "val" else split_scores(data.splits["val"], d, translations["val"], names)
             chosen[d] = dg.choose_score(val)
+            reasons[d] = dg.choice_reason(val, chosen[d])
             for name, m in results[d].items():
                 m["val R@1"] = val[name]["R@1"]
         else:
@@ -176,8 +177,9 @@ def main(argv=None) -> int:
         if data.oracle is not None:
             results[d]["oracle"] = dg.retrieval_metrics(data.oracle(q.cpu(), gal.cpu(), d), rel.cpu())
     if args.score == "auto":
-        print("--score auto, chosen on the validation split: " + "; ".join(
-            f"{DIRECTIONS[d]} {chosen[d]} (val R@1 {100 * results[d][chosen[d]]['val R@1']:.1f})" for d in directions))
+        print("--score auto, chosen on the validation split:" + "".join(
+            f"\n  {DIRECTIONS[d]} {chosen[d]} (val R@1 {100 * results[d][chosen[d]]['val R@1']:.1f}): {reasons[d]}"
+            for d in directions))
     print(retrieval_table(results, f"{args.split} retrieval (%), {args.steps} {args.sampler} steps, "
                                    f"K={args.num_samples} samples averaged, {guidance_words(rank_g, gallery_g)}; "
                                    f"* the score {'chosen on validation' if args.score == 'auto' else 'asked for'}:",

@@ -190,6 +190,11 @@ def check_dims(data: embed_cache.Dataset, model: dg.DiffGAP) -> None:
                          f"{model.config.dim_a}/{model.config.dim_b}")
 
 
+MEDR_LEGEND = ("medR: median of the 1-based ranks of each query's best correct item, the mean of the middle two for an "
+               "even count (as CLIP4Clip);\n      LAION-CLAP's and open_clip's evaluation print floor(median of 0-based "
+               "ranks) + 1 instead (1, not 1.5, for ranks 1, 1, 2, 3).")
+
+
 def retrieval_table(results: dict, title: str, chosen: dict | None = None) -> str:
     """results: {direction: {score name: metrics}} -> a small aligned text table.
 
@@ -208,7 +213,8 @@ def retrieval_table(results: dict, title: str, chosen: dict | None = None) -> st
             gain = f"{100 * m['gain']:+5.1f} {pct(m, 'gain')}" if "gain" in m else ""
             lines.append(f"{DIRECTIONS[d]:<10}{name + mark:<{width}}" + (f"{100 * m['val R@1']:8.1f}" if "val R@1" in m else " " * 8 * val) +
                          f"{100 * m['R@1']:7.1f} {pct(m, 'R@1'):<14}{100 * m['R@5']:6.1f}{100 * m['R@10']:7.1f}"
-                         f"{100 * m['mAP@10']:8.1f}{m['median_rank']:6.0f}  {gain}".rstrip())
+                         f"{100 * m['mAP@10']:8.1f}{m['median_rank']:6g}  {gain}".rstrip())
+    lines.append(MEDR_LEGEND)
     return "\n".join(lines)
 
 
@@ -297,6 +303,15 @@ def split_scores(split, direction: int, translations: dict, scores=None) -> dict
     return dg.score_retrieval(q, gal, rel, g_hat_q, gallery_translations(translations, direction), scores)
 
 
+def some_parameters_idle(config: dg.DiffGAPConfig) -> bool:
+    """Whether some training steps leave parameters out of the loss, which DistributedDataParallel
+    must be told (find_unused_parameters, a graph walk per step): with unequal dims each direction
+    uses its own adapters, and without condition dropout (p_uncond = 0) the null condition is
+    never used. Everything else (direction embedding on or off, objective, schedule) uses every
+    parameter at every step; tests/test_distributed.py checks this rule against real gradients."""
+    return config.dim_a != config.dim_b or config.p_uncond == 0
+
+
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world_size, device): torch.distributed under torchrun (WORLD_SIZE > 1), else (0, 1, device).
 
@@ -357,7 +372,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     if world > 1:  # averages the gradients of the ranks' slices; the buffers are constants
         ddp = torch.nn.parallel.DistributedDataParallel(
             model.net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-            find_unused_parameters=model.config.dim_a != model.config.dim_b)   # per-modality adapters idle by turns
+            find_unused_parameters=some_parameters_idle(model.config))
     optimizer = dg.make_optimizer(model, args.lr)
     start_step = 0
     if ckpt is not None:
@@ -373,8 +388,20 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
         f"objective {model.config.objective}, {model.config.schedule} schedule, T={model.config.timesteps}, "
         f"switch every {model.config.switch_every} steps")
 
+    saved = {"step": None}   # the last step written to ckpt_path by this run
+
+    def diverged(why: str) -> ValueError:
+        kept = (f"{ckpt_path} is left as saved at step {saved['step']}" if saved["step"] is not None else
+                f"{ckpt_path} is unchanged" if ckpt is not None else "no checkpoint was written")
+        return ValueError(f"training diverged at {why}; {kept}. Try a lower --lr (this run: {args.lr:g})")
+
     def save(step: int) -> None:
         if rank == 0:
+            bad = dg.non_finite(model.state_dict()) or dg.non_finite(
+                {f"optimizer {i} {k}": v for i, st in optimizer.state.items() for k, v in st.items()})
+            if bad:   # never overwrite the last good checkpoint with a diverged model
+                raise diverged(f"step {step}: {bad}")
+            saved["step"] = step
             dg.save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=step, pair=args.pair,
                                data=data.spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                seed=args.seed, direction=args.direction, compile=args.compile)
@@ -411,6 +438,8 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
             if should_stop():
                 stopped = True
                 break
+    except FloatingPointError as e:   # dg.train_steps: a non-finite loss, found before its update
+        raise diverged(str(e).split(";")[0]) from None
     finally:
         bar.close()
         for sig, handler in handlers.items():

@@ -238,7 +238,7 @@ def report(cells: dict, args, pairs: list[str], ablation_pair: str, minutes: flo
             f"`python benchmarks/paper_tables.py{' --quick' if args.quick else ''}"
             f"{'' if args.data == 'synthetic' else f' --data {args.data} --pair {args.pair}'} --seeds {n}`; "
             f"{platform.machine()} CPU, {args.workers} worker(s) x 1 thread, {time.strftime('%Y-%m-%d')}, "
-            f"{minutes:.1f} min. Test split; mean ± std over {n} seeds; R@k and mAP@10 in %, medR the median rank. "
+            f"{minutes:.1f} min. Test split; mean ± std over {n} seeds; R@k and mAP@10 in %, medR the median 1-based rank (the mean of the middle two for an even count; LAION-CLAP and open_clip print floor(median of 0-based ranks) + 1). "
             f"Every model: {args.steps} training steps, batch 64, Adam 1e-3, EMA; diffgap = mean of "
             f"K={args.num_samples} samples of 5-step DDIM (eta 0); blend = equal weights of the two cosines.", ""]
     out = list(head)

@@ -60,7 +60,8 @@ def test_sample_finds_the_checkpoint_and_reports_both_directions(trained):
     # train.py translated the validation split with these settings; sample.py builds only test's
     assert "val translations: reused" in out and "test translations: building" in out
     chosen = [line for line in out.splitlines() if line.startswith(("B->A", "A->B")) and " * " in line + " "]
-    assert len(chosen) == 2 and "--score auto, chosen on the validation split: B->A " in out
+    assert len(chosen) == 2 and "--score auto, chosen on the validation split:\n  B->A " in out
+    assert "beyond noise" in out     # each choice says why it was made
     again = run("sample.py", "--steps", "5", "--num-samples", "2", cwd=cwd).stdout
     assert "test translations: reused" in again and "building" not in again
     table = lambda text: text[text.index("test retrieval"):text.index("generation quality")]

@@ -115,10 +115,13 @@ def test_score_names_parse_and_bad_names_are_refused():
 
 
 def test_choice_on_validation_takes_the_best_and_the_simpler_on_a_tie():
-    m = lambda r: {"R@1": r}
+    m = lambda r, lo=0.01: {"R@1": r, "gain lo adjusted": lo}     # gains beyond noise unless lo <= 0
     assert dg.choose_score({"contrastive": m(0.5), "diffgap": m(0.6), "two-way": m(0.7)}) == "two-way"
     assert dg.choose_score({"contrastive": m(0.7), "diffgap": m(0.6), "two-way": m(0.7)}) == "contrastive"
     assert dg.choose_score({"contrastive": m(0.5), "diffgap": m(0.6), "blend-0.5": m(0.6)}) == "diffgap"
+    assert dg.choose_score({"contrastive": m(0.5), "diffgap": m(0.6), "two-way": m(0.7, lo=0.0)}) == "diffgap"
+    assert dg.choose_score({"contrastive": m(0.5), "diffgap": m(0.6, -0.1), "two-way": m(0.7, -0.01)}) == "contrastive"
+    assert dg.choose_score({"diffgap": m(0.6, None), "two-way": m(0.7, None)}) == "two-way"   # no contrastive: dims differ
 
 
 def test_bootstrap_interval_covers_the_mean_with_the_binomial_width():

@@ -58,7 +58,9 @@ def test_auto_is_never_below_contrastive_on_validation(spec, steps, tmp_path):
         assert list(results) == dg.score_names()      # every candidate, contrastive first
         chosen = dg.choose_score(results)
         assert results[chosen]["R@1"] >= results["contrastive"]["R@1"]
-        assert results[chosen]["R@1"] == max(m["R@1"] for m in results.values())
+        # the best validation R@1 among contrastive and the scores whose gain is beyond noise
+        beyond = [n for n, m in results.items() if n == "contrastive" or m["gain lo adjusted"] > 0]
+        assert results[chosen]["R@1"] == max(results[n]["R@1"] for n in beyond)
     if "aligned" in spec:   # the preset's promise: a strong space with few pairs
         assert len(data.splits["train"].b) < 1000
         q, g, rel = data.splits["test"].retrieval(0)
