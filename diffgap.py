@@ -5,68 +5,57 @@ Cross-Modal Gap", ICASSP 2025 (arXiv 2503.12131). A small DDPM denoises one moda
 CAVP embedding conditioned on the other's; one network serves both directions, trained with
 bidirectional split training (Algorithm 1: condition and target swap every m iterations).
 
-This file reads top to bottom: noise schedule, denoiser network, diffusion (loss and samplers),
-training loop, metrics and retrieval scores, checkpoints. It needs only torch; copy it alone
-into another codebase.
+Read top to bottom: 1. noise schedule, 2. denoiser, 3. diffusion (loss, samplers), 4. training
+loop, 5. retrieval and generation metrics. It needs only torch: copy it alone anywhere. The
+commands' scores, caches, tables and checkpoints are in diffgap_eval.py.
 
-    python train.py --pair audio-video      # trains on the built-in synthetic embeddings
-    python sample.py --steps 5              # 5-step DDIM, retrieval and generation metrics
-
-Conventions (../shared/DESIGN.md section 3): modality A is audio, B is video or text.
-Direction 0 is "B->A" (condition on B, generate A), direction 1 is "A->B". Timesteps are
-0..T-1. Embeddings enter and leave as unit vectors; the model works on x = (e - mean) * scale,
-whose coordinates have unit variance, so they match the N(0, I) noise.
+Conventions: modality A is audio, B video or text; direction 0 is "B->A" (condition on B, as
+Algorithm 1 starts), 1 is "A->B"; timesteps are 0..T-1. Unit embeddings e are diffused as
+x = (e - mean) * scale, whose coordinates have unit variance like the N(0, I) noise.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # optional fused Triton kernels; this file works without the package
+
+try:  # optional Triton kernels, this project's only (a PyPI distribution is also called `kernels`)
     import kernels as _kernels
-except ImportError:
+    if not hasattr(_kernels, "DIFFGAP_KERNELS"):
+        _kernels = None
+except Exception:  # absent, or triton cannot be imported here
     _kernels = None
 
 
 @dataclass
 class DiffGAPConfig:
+    """The defaults are what `python train.py` trains; the paper's values are stated beside them."""
     dim_a: int = 512                 # embedding dim of modality A (audio)
     dim_b: int = 512                 # embedding dim of modality B (video or text)
-    hidden: int = 512                # width of the residual stream (keep >= the embedding dims:
-                                     # at large t the net must pass x_t through almost unchanged)
+    hidden: int = 512                # width of the residual stream (>= the embedding dims)
     inner: int = 224                 # width of each block's hidden step (the fused Triton step)
     depth: int = 2                   # number of residual blocks
     time_dim: int = 128              # size of the sinusoidal timestep features
     timesteps: int = 1000            # T; timesteps are 0..T-1
     schedule: str = "cosine"         # "cosine" (Nichol & Dhariwal) or "linear" (Ho et al.)
-    objective: str = "v"             # what the network predicts: "v", "eps" (the paper's) or "x0";
-                                     # v ranks far better with few trailing steps (README)
-    p_uncond: float = 0.1            # probability of replacing the condition by the null vector
-                                     # (learns p(x) too, for classifier-free guidance; README)
-    direction_embedding: bool = True  # add a learned direction vector to the time embedding;
-                                      # False is the paper-faithful shared network
-    center: bool = True              # subtract each modality's mean before scaling (DESIGN 3.3)
-    switch_every: int = 5000         # m: swap condition and target every m steps (paper: 5000)
+    objective: str = "v"             # predicted: "v", "eps" (the paper's) or "x0" (results/README.md)
+    p_uncond: float = 0.1            # condition dropout, for classifier-free guidance (paper: 0)
+    direction_embedding: bool = True  # a learned direction vector (False: the paper's shared net)
+    center: bool = True              # subtract each modality's mean before scaling
+    switch_every: int = 500          # m: swap condition and target every m steps (paper: 5000 of ~94k)
     ema_decay: float = 0.999         # EMA of the weights used for sampling; 0 turns EMA off
 
-
-# ----------------------------------------------------------------------------------------
-# 1. Noise schedule (Ho et al. 2020, eq. 4; Nichol & Dhariwal 2021, eq. 17)
-# ----------------------------------------------------------------------------------------
+# 1. Noise schedule (Ho et al. 2020, eq. 4; Nichol & Dhariwal 2021, eq. 17) ---------------------
 
 def make_schedule(kind: str, T: int) -> dict[str, torch.Tensor]:
-    """beta_t and what follows from it, for t = 0..T-1: each a float32 tensor of shape (T,).
-
-    Computed in float64: alpha_bar at t = T-1 of the cosine schedule is ~1e-9, and float32
-    cumulative products drift long before that.
-    """
+    """beta_t and what follows from it, for t = 0..T-1: float32 tensors (T,), computed in float64
+    (alpha_bar_{T-1} of the cosine schedule is ~1e-9: float32 cumulative products drift before)."""
     if kind == "linear":
         beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
     elif kind == "cosine":
@@ -79,32 +68,21 @@ def make_schedule(kind: str, T: int) -> dict[str, torch.Tensor]:
     alpha = 1 - beta                                                  # alpha_t = 1 - beta_t
     alpha_bar = torch.cumprod(alpha, 0)                               # alpha_bar_t = prod_{s<=t} alpha_s
     alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-    sched = {
-        "beta": beta,
-        "alpha": alpha,
-        "alpha_bar": alpha_bar,
-        "alpha_bar_prev": alpha_bar_prev,
-        "sqrt_alpha_bar": alpha_bar.sqrt(),
-        "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),
-        # q(x_{t-1} | x_t, x0) variance: beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
-        "posterior_variance": beta * (1 - alpha_bar_prev) / (1 - alpha_bar),
-    }
+    sched = dict(beta=beta, alpha=alpha, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+                 sqrt_alpha_bar=alpha_bar.sqrt(), sqrt_one_minus_alpha_bar=(1 - alpha_bar).sqrt(),
+                 # q(x_{t-1} | x_t, x0) variance: beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+                 posterior_variance=beta * (1 - alpha_bar_prev) / (1 - alpha_bar))
     return {k: v.float() for k, v in sched.items()}
 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """The S timesteps a few-step sampler visits: "trailing" spacing that starts at T-1.
-
-    ddim_timesteps(1000, 5) == [999, 799, 599, 399, 199]; after the last one comes x0.
-    """
+    """The S timesteps a few-step sampler visits, "trailing" from T-1: (1000, 5) -> [999, 799, 599, 399, 199], then x0."""
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
     return [T - 1 - (i * T) // steps for i in range(steps)]
 
 
-# ----------------------------------------------------------------------------------------
-# 2. Denoiser network
-# ----------------------------------------------------------------------------------------
+# 2. Denoiser network ---------------------------------------------------------------------------
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of integer timesteps (Vaswani et al. 2017): (B,) -> (B, dim)."""
@@ -114,28 +92,18 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-KERNELS = "auto"  # "auto": Triton kernels for CUDA tensors, torch otherwise; "torch"; "triton" (any tensor)
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether the kernels package handles tensor x under the current KERNELS setting."""
-    if KERNELS not in ("auto", "torch", "triton"):
-        raise ValueError(f"KERNELS must be 'auto', 'torch' or 'triton', got {KERNELS!r}")
-    if _kernels is None:
-        if KERNELS == "triton":
-            raise ValueError("kernels 'triton' asked for, but the kernels package (or triton) cannot be imported")
-        return False
-    return KERNELS == "triton" or (KERNELS == "auto" and x.is_cuda)
+# "auto": the Triton kernels for CUDA tensors, torch otherwise; "torch"; "triton": the kernels for
+# every tensor, and an error instead of a fallback if they fail their check on first use (README)
+KERNELS = "auto"
 
 
 def hidden_step(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     """The denoiser's hidden step silu(h @ W^T + b + temb): h (B, H), W (I, H), temb (B, I) -> (B, I).
-
-    The time embedding enters every block here, before the activation; kernels/ fuses the
-    matmul, bias, temb and SiLU into one Triton launch (forward and backward).
-    """
-    if use_triton(h):
-        return _kernels.fused_linear_temb_silu(h, weight, bias, temb)
+    The time embedding enters every block here; kernels/ fuses it all into one Triton launch."""
+    if KERNELS not in ("auto", "torch", "triton") or (KERNELS == "triton" and _kernels is None):
+        raise ValueError(f"KERNELS = {KERNELS!r}: use 'auto', 'torch' or 'triton' (which needs kernels/ and triton)")
+    if _kernels is not None and (KERNELS == "triton" or (KERNELS == "auto" and h.is_cuda)):
+        return _kernels.fused_linear_temb_silu(h, weight, bias, temb, strict=KERNELS == "triton")
     return F.silu(F.linear(h, weight, bias) + temb)
 
 
@@ -162,14 +130,10 @@ def adapter(layers: nn.ModuleList, modality: int) -> nn.Module:
 class Denoiser(nn.Module):
     """Predicts eps (or x0, v) for the noisy target x_t given the condition, t and direction.
 
-    The condition enters twice. Its linear projection is added to x_t's at the input (the
-    same as a linear layer on the concatenation [x_t, cond]), a direct path for the mostly
-    linear map from one modality to the other. A small MLP of that projection is also summed
-    with the time (and direction) embedding and added inside every block's hidden step, so
-    the condition steers each block, as class labels do in DDPM. For classifier-free guidance
-    a learned null vector replaces the condition's projection (only the condition is dropped).
-    If the two modalities' dims differ, each modality gets its own input, condition and
-    output layers (linear adapters); with equal dims both directions share them (the paper).
+    The condition's projection is added to x_t's at the input (a direct path for the mostly
+    linear map between modalities), and an MLP of it joins the time (and direction) embedding
+    in every block, as class labels do in DDPM; a learned null vector replaces it for
+    classifier-free guidance. Unequal dims give each modality its own in/out layers.
     """
 
     def __init__(self, cfg: DiffGAPConfig):
@@ -191,12 +155,8 @@ class Denoiser(nn.Module):
         self.norm_out = nn.LayerNorm(H)
 
     def project_cond(self, cond: torch.Tensor, direction: int, drop_cond=None):
-        """The condition's two entry points: c (B, H) for the input, c_emb (B, I) for every block.
-
-        drop_cond (B,) bool replaces those rows' projection by the learned null vector
-        (classifier-free guidance: only the condition is dropped). A sampler computes this once
-        per call, since the condition does not change across steps.
-        """
+        """The condition's two entry points: c (B, H) for the input, c_emb (B, I) for every block;
+        drop_cond (B,) bool replaces those rows' projection by the null vector."""
         c = adapter(self.c_in, 1 if direction == 0 else 0)(cond)           # (B, H)
         if drop_cond is not None:
             c = torch.where(drop_cond[:, None], self.null_cond.expand_as(c), c)
@@ -225,9 +185,7 @@ class Denoiser(nn.Module):
         return self.denoise(x_t, t, self.project_cond(cond, direction, drop_cond), direction)
 
 
-# ----------------------------------------------------------------------------------------
-# 3. Diffusion: embedding scaling, training loss, samplers
-# ----------------------------------------------------------------------------------------
+# 3. Diffusion: embedding scaling, training loss, samplers --------------------------------------
 
 class DiffGAP(nn.Module):
     """The denoiser, its EMA copy, the schedule and the per-modality embedding statistics."""
@@ -239,13 +197,11 @@ class DiffGAP(nn.Module):
         self.config = config
         self.net = Denoiser(config)
         self.ema = copy.deepcopy(self.net).requires_grad_(False) if config.ema_decay > 0 else None
-        # The schedule is derived from the config and kept as plain float32 CPU tensors, not
-        # buffers: module.to(torch.float16) would round alpha_bar near t = 0 to 1.0 and divide
-        # by 1 - alpha_bar = 0 in the samplers. Coefficients are read as Python floats, or
-        # gathered on the batch's device in the loss.
+        # Plain float32 CPU tensors, not buffers: module.to(torch.float16) would round alpha_bar
+        # near t = 0 to 1.0, and the samplers divide by 1 - alpha_bar.
         for name, value in make_schedule(config.schedule, config.timesteps).items():
             setattr(self, name, value)
-        # mean unit embedding per modality (DESIGN 3.3), fitted on training data by fit_stats
+        # mean unit embedding per modality, fitted on training data by fit_stats
         self.register_buffer("mean_a", torch.zeros(config.dim_a))
         self.register_buffer("mean_b", torch.zeros(config.dim_b))
 
@@ -256,14 +212,10 @@ class DiffGAP(nn.Module):
         """Bidirectional split training (Algorithm 1): 0 (B->A) for m steps, then 1, then 0..."""
         return (step // self.config.switch_every) % 2
 
-    # -- embedding space <-> diffusion space (DESIGN 3.3) ----------------------------------
+    # -- embedding space <-> diffusion space ---------------------------------------------------
     @torch.no_grad()
     def fit_stats(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Store each modality's mean unit embedding (when config.center); a (N, D_A), b (M, D_B).
-
-        Reads in chunks of rows, so a and b may be anything sliceable into tensors (embed_cache
-        keeps large training splits memory-mapped).
-        """
+        """Store each modality's mean unit embedding (config.center); a (N, D_A), b (M, D_B), sliceable."""
         if self.config.center:
             for x, mean in ((a, self.mean_a), (b, self.mean_b)):
                 total = sum(F.normalize(x[i:i + 65536].double(), dim=-1).sum(0) for i in range(0, len(x), 65536))
@@ -285,44 +237,32 @@ class DiffGAP(nn.Module):
         mean, scale = self._stats(modality)
         return F.normalize(x / scale + mean, dim=-1)
 
-    # -- training loss (Algorithm 1, lines 5-8; Ho et al. eq. 14) ---------------------------
-    def loss(self, target: torch.Tensor, cond: torch.Tensor, direction: int, generator=None,
-             share: tuple[int, int] = (0, 1), net=None) -> torch.Tensor:
-        """MSE of the denoiser on a batch: target (B, D_target), cond (B, D_cond), both unit norm.
-
-        generator (on the model's device) draws t, eps and the dropout mask; None: torch's global
-        RNG. share (rank, world_size): this batch is slice `rank` of a global batch of
-        world_size x B rows; the draws of the whole global batch are made and this slice used,
-        so world_size processes together compute exactly what one process would. net: the module
-        to call instead of self.net (a DistributedDataParallel wrapper of it).
-        """
-        tgt, src = (0, 1) if direction == 0 else (1, 0)
-        x0 = self.to_diffusion(target, tgt)
-        c = self.to_diffusion(cond, src)   # the condition gets the same unit-variance scaling
-        B, dev = x0.shape[0], x0.device
-        rank, world = share
-        mine = slice(rank * B, (rank + 1) * B)
-        t = torch.randint(0, self.config.timesteps, (world * B,), device=dev, generator=generator)[mine]
-        eps = torch.randn((world * B, x0.shape[1]), device=dev, dtype=x0.dtype, generator=generator)[mine]
-        sa = self.sqrt_alpha_bar.to(dev)[t][:, None].to(x0.dtype)             # (B, 1)
-        so = self.sqrt_one_minus_alpha_bar.to(dev)[t][:, None].to(x0.dtype)
-        x_t = sa * x0 + so * eps                                   # q(x_t | x0), Ho et al. eq. 4
-        drop = (torch.rand(world * B, device=dev, generator=generator) < self.config.p_uncond)[mine]
-        pred = (net or self.net)(x_t, t, c, direction, drop if self.config.p_uncond > 0 else None)
-        target_of = {"eps": eps, "x0": x0, "v": sa * eps - so * x0}  # v: Salimans & Ho 2022
-        return F.mse_loss(pred, target_of[self.config.objective])
-
     def onto_sphere(self, x: torch.Tensor, modality: int) -> torch.Tensor:
-        """to_diffusion(from_diffusion(x)) = (normalize(x / scale + mean) - mean) * scale, in two passes.
-
-        normalize ignores a positive factor, so normalize(x / scale + mean) = normalize(u) with
-        u = x + scale mean, and the result is u * (scale / |u|) - scale mean.
-        """
+        """to_diffusion(from_diffusion(x)) in two passes: with u = x + scale mean (normalize
+        ignores the positive factor 1 / scale), the result is u * (scale / |u|) - scale mean."""
         mean, scale = self._stats(modality)
         u = x + scale * mean                                                    # (B, D)
         return torch.addcmul(-scale * mean, u, scale / u.norm(dim=-1, keepdim=True).clamp(min=1e-12))
 
-    # -- from a network output to x0 -----------------------------------------------------------
+    # -- training loss (Algorithm 1, lines 5-8; Ho et al. eq. 14) -------------------------------
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, direction: int, t: torch.Tensor, eps: torch.Tensor,
+             drop: torch.Tensor | None = None) -> torch.Tensor:
+        """MSE of the denoiser: target (B, D_target), cond (B, D_cond) unit norm, t (B,) int in
+        0..T-1, eps (B, D_target) noise, drop (B,) bool rows given the null condition (or None)."""
+        tgt, src = (0, 1) if direction == 0 else (1, 0)
+        x0 = self.to_diffusion(target, tgt)
+        c = self.to_diffusion(cond, src)   # the condition gets the same unit-variance scaling
+        sa = self.sqrt_alpha_bar.to(t.device)[t][:, None].to(x0.dtype)         # (B, 1)
+        so = self.sqrt_one_minus_alpha_bar.to(t.device)[t][:, None].to(x0.dtype)
+        x_t = sa * x0 + so * eps                                   # q(x_t | x0), Ho et al. eq. 4
+        pred = self.net(x_t, t, c, direction, drop)
+        target_of = {"eps": eps, "x0": x0, "v": sa * eps - so * x0}  # v: Salimans & Ho 2022
+        return F.mse_loss(pred, target_of[self.config.objective])
+
+    def forward(self, *args) -> torch.Tensor:  # the training loss: what DistributedDataParallel wraps
+        return self.loss(*args)
+
+    # -- from a network output to x0 ------------------------------------------------------------
     def _x0(self, out: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """The x0 a network output implies, from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
         sa, so = float(self.sqrt_alpha_bar[t]), float(self.sqrt_one_minus_alpha_bar[t])
@@ -333,23 +273,17 @@ class DiffGAP(nn.Module):
         return torch.add(sa * x_t, out, alpha=-so)              # v: x0 = sa x_t - so v
 
     def _condition(self, net, c: torch.Tensor, direction: int, guidance: float):
-        """The condition's projection for _predict, made once per sample() call: with guidance,
-        the null condition's rows follow the condition's, for the stacked two-pass call."""
+        """The condition's projection for _predict; with guidance, the null's rows follow."""
         cond_proj = net.project_cond(c, direction)
         if guidance == 1.0:
             return cond_proj
         return tuple(torch.cat([p, n]) for p, n in zip(cond_proj, net.null_projection(c.shape[0])))
 
     def _predict(self, net, x_t, t: int, cond_proj, direction: int, guidance: float):
-        """Network output at integer timestep t, with classifier-free guidance when guidance != 1.
-
-        With guidance cond_proj holds 2B rows (the condition's, then the null's), and the
-        conditional and unconditional passes run as one network call on x_t stacked twice.
-        """
+        """Network output at timestep t, classifier-free guided (both passes as one call) when guidance != 1."""
         if guidance == 1.0:
             return net.denoise(x_t, t, cond_proj, direction)
-        out = net.denoise(x_t.repeat(2, 1), t, cond_proj, direction)              # (2B, D)
-        pred_cond, pred_null = out.chunk(2)
+        pred_cond, pred_null = net.denoise(x_t.repeat(2, 1), t, cond_proj, direction).chunk(2)
         return torch.lerp(pred_null, pred_cond, guidance)   # pred_null + s (pred_cond - pred_null), Ho & Salimans 2022
 
     @torch.no_grad()
@@ -358,12 +292,10 @@ class DiffGAP(nn.Module):
                project: bool = True, denoise_fn=None) -> torch.Tensor:
         """Generate target-modality embeddings for unit-norm conditions cond (N, D_cond) -> (N, D_target).
 
-        sampler "ddim" (Song et al. 2021, eq. 12) visits ddim_timesteps(T, steps) and is
-        deterministic for eta = 0; "ddpm" is ancestral sampling (Ho et al. Algorithm 2) over
-        the same timesteps with betas recomputed for the respaced chain; steps = T is the
-        original full chain. project re-projects each predicted x0 onto the embedding sphere
-        (DESIGN 3.8: never clip to [-1, 1]). denoise_fn(x_t, t, cond, direction) replaces the
-        network (tests use an oracle).
+        "ddim" (Song et al. 2021, eq. 12) visits ddim_timesteps(T, steps); "ddpm" is ancestral
+        sampling (Ho et al. Algorithm 2) over them with the respaced chain's betas. project puts
+        each predicted x0 back on the embedding sphere (clipping to [-1, 1] would destroy it).
+        denoise_fn(x_t, t, cond, direction) replaces the network (tests use an oracle).
         """
         if guidance != 1.0 and self.config.p_uncond == 0:
             raise ValueError("guidance != 1 needs a model trained with p_uncond > 0 (no null condition was learned)")
@@ -380,14 +312,14 @@ class DiffGAP(nn.Module):
             out = (denoise_fn(x, t, c, direction) if denoise_fn is not None
                    else self._predict(net, x, t, cond_proj, direction, guidance))
             x0 = self._x0(out, x, t)
-            if project:  # onto the embedding sphere (DESIGN 3.8)
+            if project:
                 x0 = self.onto_sphere(x0, tgt)
             ab = float(self.alpha_bar[t])
             ab_prev = float(self.alpha_bar[ts[i + 1]]) if i + 1 < len(ts) else 1.0  # the last step lands on x0
             if sampler == "ddim":
                 # sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
                 sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-                # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps  (+ sigma z below), with
+                # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps (+ sigma z below), with
                 # eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), the noise that agrees with x0:
                 # x_prev = c_x0 x0 + c_xt x_t, coefficients in float64
                 c_xt = math.sqrt(max(0.0, 1 - ab_prev - sigma ** 2) / (1 - ab))
@@ -405,14 +337,8 @@ class DiffGAP(nn.Module):
     @torch.no_grad()
     def sample_many(self, cond: torch.Tensor, direction: int, num_samples: int, max_rows: int = 4096,
                     **sample_kw) -> torch.Tensor:
-        """num_samples samples for each condition: cond (N, D_cond) -> (K, N, D_target).
-
-        The K samples of a block of conditions are drawn as one (K x n)-row batch, n chosen so
-        that K n <= max_rows (memory stays bounded whatever N is); sample_kw as in sample().
-        4,096 rows (8,192 in a guided call: 16 MB per D = 512 activation) is as fast per sample
-        on a CPU as larger blocks; at 32 MB each allocation becomes a fresh mmap and page faults
-        made sampling 25% slower in some runs (benchmarks/bench_sampling.py).
-        """
+        """num_samples samples for each condition: cond (N, D_cond) -> (K, N, D_target). Blocks of
+        n conditions are sampled as one (K n <= max_rows)-row batch, so memory stays bounded."""
         per_block = max(1, max_rows // num_samples)
         blocks = []
         for i in range(0, cond.shape[0], per_block):
@@ -424,12 +350,8 @@ class DiffGAP(nn.Module):
     @torch.no_grad()
     def translate(self, cond: torch.Tensor, direction: int, num_samples: int = 16, max_rows: int = 4096,
                   **sample_kw) -> torch.Tensor:
-        """The mean of num_samples samples per condition, (N, D_cond) -> (N, D_target).
-
-        The mean approximates the posterior mean E[target | cond], which ranks a gallery far
-        better than any one sample. Equal to sample_many(...).mean(0) (same random draws), with
-        memory bounded by max_rows rather than by K N.
-        """
+        """sample_many(...).mean(0) in bounded memory, (N, D_cond) -> (N, D_target): the posterior
+        mean E[target | cond], which ranks a gallery far better than one sample."""
         n = max(1, max_rows // num_samples)
         return torch.cat([self.sample_many(cond[i:i + n], direction, num_samples, max_rows, **sample_kw).mean(0)
                           for i in range(0, cond.shape[0], n)])
@@ -443,23 +365,16 @@ class DiffGAP(nn.Module):
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - d)
 
 
-# ----------------------------------------------------------------------------------------
-# 4. Training loop: bidirectional split training (paper, Algorithm 1)
-# ----------------------------------------------------------------------------------------
+# 4. Training loop: bidirectional split training (paper, Algorithm 1) ---------------------------
 
 def derived_seed(seed: int, stream: str, n: int) -> int:
-    """A seed for item n of a named random stream ("epoch", "step") of a run seeded with `seed`.
-
-    Every random draw of training comes from such a seed, so a run's future is a function of
-    (seed, step) alone: a resumed run needs no saved RNG state to continue bit-identically.
-    """
+    """A seed for item n of a random stream ("epoch", "step"): a run is a function of (seed, step)."""
     digest = hashlib.blake2b(f"{seed}/{stream}/{n}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1          # < 2**63, as manual_seed wants
 
 
 def steps_per_epoch(n_pairs: int, batch_size: int) -> int:
-    """One epoch is n_pairs // batch_size full batches; the n_pairs % batch_size rows left over
-    (different ones each epoch, since every epoch is a fresh permutation) wait for the next."""
+    """n_pairs // batch_size full batches; the rows left over (others each epoch) wait for the next."""
     if not 1 <= batch_size <= n_pairs:
         raise ValueError(f"batch size {batch_size} must be between 1 and the number of training pairs ({n_pairs})")
     return n_pairs // batch_size
@@ -479,21 +394,14 @@ def batch_indices(n_pairs: int, batch_size: int, step: int, seed: int = 0) -> to
 def train_steps(model: DiffGAP, a: torch.Tensor, b: torch.Tensor, optimizer: torch.optim.Optimizer,
                 steps: int, batch_size: int = 64, start_step: int = 0, direction: str = "both", seed: int = 0,
                 share: tuple[int, int] = (0, 1), net=None):
-    """Yield {"step", "loss", "direction"} after each optimisation step; prints nothing.
+    """Yield {"step", "loss", "direction"} after each optimisation step (the loss a 0-dim tensor).
 
-    a (N, D_A) and b (N, D_B) are paired rows (a[i] goes with b[i]). Global step s (counted
-    from 0 over the whole run, start_step + i) takes batch_indices(N, batch_size, s, seed) and
-    draws its timesteps, noise and dropout mask from derived_seed(seed, "step", s), so a run
-    resumed at any step with the same seed continues exactly as an uninterrupted one would.
-    direction "both" switches every config.switch_every global steps (Algorithm 1); "b2a" /
-    "a2b" train one direction only. The loss in the yielded dict is a 0-dim tensor. A non-finite
-    loss raises FloatingPointError naming the step, before the update, so the model and
-    optimizer keep the state of the last good step (a diverging run stops at once rather than
-    training on NaN; the check waits for the device once per step).
-
-    Data parallel (train.py under torchrun): share (rank, world_size) makes this process train on
-    slice `rank` of every global batch of batch_size rows, with net a DistributedDataParallel
-    wrapper of model.net that averages the gradients; the run then equals a one-process run.
+    a (N, D_A), b (N, D_B) paired rows. Global step s trains on batch_indices(N, batch_size, s,
+    seed) in direction model.direction_at(s) ("b2a"/"a2b" fix it), with t, eps and the dropout
+    drawn from derived_seed(seed, "step", s): a resumed run continues exactly. A non-finite loss
+    raises FloatingPointError before its update. Under torchrun, share = (rank, world_size)
+    takes this process's slice of each global batch and its draws, and net wraps model in
+    DistributedDataParallel: the run equals one process.
     """
     if len(a) != len(b):
         raise ValueError(f"a and b must be paired row for row, got {len(a)} and {len(b)} rows")
@@ -503,6 +411,7 @@ def train_steps(model: DiffGAP, a: torch.Tensor, b: torch.Tensor, optimizer: tor
     mine = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     fixed = {"both": None, "b2a": 0, "a2b": 1}[direction]
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     per_epoch = steps_per_epoch(len(a), batch_size)
     model.train()
     order, order_epoch = None, None
@@ -514,8 +423,12 @@ def train_steps(model: DiffGAP, a: torch.Tensor, b: torch.Tensor, optimizer: tor
         d = model.direction_at(step) if fixed is None else fixed          # Algorithm 1, line 4
         target, cond = (a[idx], b[idx]) if d == 0 else (b[idx], a[idx])
         g = torch.Generator(device).manual_seed(derived_seed(seed, "step", step))
-        loss = model.loss(target.to(device), cond.to(device), d, generator=g, share=share, net=net)
-        if not torch.isfinite(loss):   # before the update: the weights stay those of the last good step
+        t = torch.randint(0, model.config.timesteps, (batch_size,), device=device, generator=g)[mine]
+        eps = torch.randn((batch_size, target.shape[1]), device=device, dtype=dtype, generator=g)[mine]
+        drop = (torch.rand(batch_size, device=device, generator=g)[mine] < model.config.p_uncond
+                if model.config.p_uncond > 0 else None)
+        loss = (net or model)(target.to(device), cond.to(device), d, t, eps, drop)
+        if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step + 1}: the loss is {loss.item()} (direction {d}); the weights "
                                      f"are those after step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -525,38 +438,25 @@ def train_steps(model: DiffGAP, a: torch.Tensor, b: torch.Tensor, optimizer: tor
         yield {"step": step + 1, "loss": loss.detach(), "direction": d}
 
 
-def make_optimizer(model: DiffGAP, lr: float = 2e-4) -> torch.optim.Optimizer:
-    """Adam on the denoiser's weights (the paper's optimiser and learning rate).
-
-    fused=True: one kernel updates every parameter. torch's default on the CPU is a Python loop
-    over the ~56 parameter tensors, about as slow as the step's matmuls at batch 64.
-    """
+def make_optimizer(model: DiffGAP, lr: float = 1e-3) -> torch.optim.Optimizer:
+    """Adam on the denoiser's weights (the paper's optimiser; its lr 2e-4 served ~94k steps, 1e-3
+    suits the 3,000 here). fused=True: one kernel for all ~56 tensors, not a Python loop on the CPU."""
     return torch.optim.Adam(model.net.parameters(), lr=lr, fused=True)
 
 
-# ----------------------------------------------------------------------------------------
-# 5. Metrics and scores: retrieval (DESIGN.md section 4), generation quality, the score
-#    a gallery is ranked by and its choice on validation
-# ----------------------------------------------------------------------------------------
+# 5. Metrics: retrieval (R@k, median rank, mAP@10) and generation quality ----------------------
 
-def check_finite(x: torch.Tensor, what: str) -> None:
-    """Raise ValueError naming the first non-finite row of x (N, D) or entry of x (N,).
-
-    A NaN compares false with everything, so a sort ranks it first and a count ranks it nowhere:
-    without this check one bad embedding silently changes every query's metrics.
-    """
+def check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:
+    """Raise ValueError naming the first non-finite row of x (N, D) or (N,), counted from offset.
+    A NaN compares false with everything: unchecked, it silently reorders every query's ranking."""
     bad = ~torch.isfinite(x) if x.dim() < 2 else ~torch.isfinite(x).all(dim=-1)
     if bad.any():
-        raise ValueError(f"{what} row {int(bad.nonzero()[0, 0])} is not finite ({int(bad.sum())} of {len(bad)} rows)")
+        raise ValueError(f"{what} row {offset + int(bad.nonzero()[0, 0])} is not finite ({int(bad.sum())} rows)")
 
 
 def _unit_rows(x: torch.Tensor, what: str, offset: int = 0) -> torch.Tensor:
-    """Rows scaled to unit norm in fp32, after refusing non-finite ones (named by offset + row)."""
-    x = x.float()
-    bad = ~torch.isfinite(x).all(dim=-1)
-    if bad.any():
-        raise ValueError(f"{what} row {offset + int(bad.nonzero()[0, 0])} is not finite")
-    return F.normalize(x, dim=-1)
+    check_finite(x, what, offset)
+    return F.normalize(x.float(), dim=-1)
 
 
 def cosine_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
@@ -596,14 +496,10 @@ def _metrics(first: torch.Tensor, top_hits: torch.Tensor, n_rel: torch.Tensor, k
 
 
 def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """R@k, median rank and mAP@10 from a score matrix (see _metrics for the conventions).
-
-    scores (Q, G), higher is better; ties go to the lower gallery index. relevant is either
-    (Q,) int (the one correct gallery item per query) or (Q, G) bool (several correct items,
-    e.g. an audio's 5 captions: the query hits at k when any of them is in the top k).
-    Every metric of a query comes from one stable sort of its row. Raises ValueError for a
-    non-finite score, a query without a correct item or a relevance of the wrong shape.
-    """
+    """R@k, median rank and mAP@10 (conventions: _metrics) from scores (Q, G), higher is better,
+    ties to the lower index. relevant: (Q,) int, one correct item per query, or (Q, G) bool, several
+    (an audio's 5 captions: a hit at k when any is in the top k). One stable sort per row; a
+    non-finite score, a query with no correct item or a wrong shape is a ValueError."""
     Q, G = scores.shape
     check_finite(scores, "scores")
     relevant = _relevance(relevant, Q, G)
@@ -615,9 +511,8 @@ def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10
 
 
 def _top(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best columns of each row of s (Q, n) by score, ties to the lower column: (values, columns)
-    (Q, k), best first. torch.topk alone breaks ties arbitrarily, so ties at the k-th value are
-    settled by column order here."""
+    """(values, columns) (Q, k) of the k best columns of each row of s (Q, n), best first, ties to
+    the lower column (torch.topk alone breaks ties arbitrarily)."""
     k = min(k, s.shape[1])
     kth = s.topk(k, dim=1).values[:, -1:]                                      # (Q, 1)
     above, tied = s > kth, s == kth
@@ -677,24 +572,9 @@ def retrieval_metrics_from_embeddings(queries: torch.Tensor, gallery: torch.Tens
     return (out, first) if return_ranks else out
 
 
-def bootstrap_interval(values: torch.Tensor, resamples: int = 1000, level: float = 0.95, seed: int = 0):
-    """Percentile bootstrap interval of the mean of per-query values (Q,), resampling queries.
-
-    For R@1 the values are each query's hit (rank == 1); for a difference of two scores on the
-    same queries, the per-query differences (a paired interval: it cancels query difficulty).
-    """
-    g = torch.Generator().manual_seed(seed)
-    means = values.float().cpu()[torch.randint(0, len(values), (resamples, len(values)), generator=g)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2]))
-    return lo.item(), hi.item()
-
-
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to x (N, D) and y (M, D), in float64.
-
-    |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2), using symmetric
-    eigendecompositions only (no scipy, no non-symmetric matrix square root).
-    """
+    """Frechet distance between Gaussians fitted to x (N, D) and y (M, D), in float64:
+    |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2), symmetric eigendecompositions only."""
     check_finite(x, "first set")
     check_finite(y, "second set")
     x, y = x.double(), y.double()
@@ -707,211 +587,11 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def paired_cosine(x: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor) -> float:
-    """Mean cosine of each x row (Q, D) with its true pair(s) in gallery (G, D).
-
-    relevant is (Q,) int (one pair each) or a (Q, G) bool mask (the mean over its pairs).
-    """
+    """Mean cosine of each x row (Q, D) with its true pair(s) in gallery (G, D); relevant (Q,) int
+    or (Q, G) bool (the mean over its pairs)."""
     x, gallery = _unit_rows(x, "generated"), _unit_rows(gallery, "gallery")
     relevant = _relevance(relevant, len(x), len(gallery))
     if relevant.dtype != torch.bool:
         return (x * gallery[relevant]).sum(1).mean().item()
     rel = relevant.float()
     return ((x * (rel @ gallery)).sum(1) / rel.sum(1)).mean().item()
-
-
-# The scores a gallery can be ranked by (DESIGN 4), simplest first: a tie on validation goes to
-# the simpler one. A blend weighs a learned score against contrastive: (1 - lam) cos(q, g) + lam
-# learned(q, g); BLEND_WEIGHTS is the grid of lam that `--score auto` tries.
-BLEND_WEIGHTS = (0.25, 0.5, 0.75)
-
-
-def score_names(same_space: bool = True, weights=BLEND_WEIGHTS) -> list[str]:
-    """Every candidate score, simplest first; without a shared space (D_q != D_g) only the learned ones."""
-    if not same_space:
-        return ["diffgap", "two-way"]
-    return (["contrastive", "diffgap"] + [f"blend-{w:g}" for w in weights]
-            + ["two-way"] + [f"two-way-blend-{w:g}" for w in weights])
-
-
-def parse_score(name: str) -> tuple[str, float]:
-    """A score's name -> (learned score, lam): "blend-0.25" -> ("diffgap", 0.25), "contrastive" -> ("diffgap", 0)."""
-    if name == "contrastive":
-        return "diffgap", 0.0
-    for learned, prefix in (("two-way", "two-way-blend-"), ("diffgap", "blend-")):
-        if name == learned:
-            return learned, 1.0
-        if name.startswith(prefix):
-            try:
-                lam = float(name[len(prefix):])
-            except ValueError:
-                break
-            if 0 < lam < 1:
-                return learned, lam
-    raise ValueError(f"unknown score {name!r}: use contrastive, diffgap, two-way, blend-L or two-way-blend-L "
-                     f"with 0 < L < 1")
-
-
-def query_side(score: str, q: torch.Tensor, g_hat_q: torch.Tensor | None = None) -> torch.Tensor:
-    """Query vectors of a score: their inner products with gallery_side's rows rank like the score.
-
-    q (Q, D_q) the queries, g_hat_q (Q, D_g) their translations into the gallery's modality
-    (DiffGAP.translate) -> (Q, D_g), or (Q, D_g + D_q) for the two-way scores. With unit vectors,
-        diffgap family: (1 - lam) cos(q, g) + lam cos(g_hat_q, g) = <(1 - lam) q + lam g_hat_q, g>
-        two-way family: (1 - lam) cos(q, g) + lam/2 [cos(g_hat_q, g) + cos(q, q_hat_g)]
-                        = <[(1 - lam) q + lam/2 g_hat_q ; lam/2 q], [g ; q_hat_g]>
-    The two-way term cos(q, q_hat_g) translates each gallery item into the query's modality, so
-    it looks at p(q | g), the Bayes ranking, which a one-way score never does.
-    """
-    learned, lam = parse_score(score)
-    q = F.normalize(q.float(), dim=-1)
-    if lam == 0:
-        return q
-    w = lam if learned == "diffgap" else lam / 2
-    first = w * F.normalize(g_hat_q.float(), dim=-1) + ((1 - lam) * q if lam < 1 else 0)
-    return first if learned == "diffgap" else torch.cat([first, w * q], dim=1)
-
-
-def gallery_side(score: str, g: torch.Tensor, q_hat_g: torch.Tensor | None = None) -> torch.Tensor:
-    """Unit gallery vectors of a score (see query_side): g (G, D_g) and, for two-way, its
-    translations q_hat_g (G, D_q) into the query's modality -> (G, D_g) or (G, D_g + D_q).
-    [g ; q_hat_g] of unit halves is scaled by 1/sqrt(2): every score shrinks alike, the ranking stays."""
-    g = F.normalize(g.float(), dim=-1)
-    if parse_score(score)[0] == "diffgap":
-        return g
-    return torch.cat([g, F.normalize(q_hat_g.float(), dim=-1)], dim=1) / math.sqrt(2)
-
-
-@torch.no_grad()
-def score_retrieval(queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor, g_hat_q: torch.Tensor,
-                    q_hat_g: torch.Tensor | None = None, scores: list[str] | None = None) -> dict[str, dict]:
-    """{score: retrieval metrics} for each score (default: all of score_names the inputs allow).
-
-    queries (Q, D_q), gallery (G, D_g), relevant as in retrieval_metrics; g_hat_q (Q, D_g) the
-    queries translated, q_hat_g (G, D_q) the gallery translated the other way (None: no two-way).
-    Each metrics dict also holds "R@1 lo"/"R@1 hi", a 95% bootstrap interval over queries, and
-    "gain", "gain lo"/"gain hi", the R@1 gain over contrastive with its paired interval, and
-    "gain lo adjusted", the lower end of that interval at the level that keeps the chance of any
-    of the m learned candidates looking better by luck at 5% (1 - 0.05 / m, Bonferroni), which
-    choose_score uses.
-    """
-    for x, what in ((queries, "query"), (gallery, "gallery"), (g_hat_q, "query translation"),
-                    (q_hat_g, "gallery translation")):
-        if x is not None:
-            check_finite(x, what)
-    if scores is None:
-        scores = [s for s in score_names(queries.shape[1] == gallery.shape[1]) if q_hat_g is not None or "two-way" not in s]
-    ranked = {s: retrieval_metrics_from_embeddings(query_side(s, queries, g_hat_q), gallery_side(s, gallery, q_hat_g),
-                                                   relevant, return_ranks=True) for s in scores}
-    learned = len(ranked) - 1
-    for name, (metrics, ranks) in ranked.items():
-        metrics["R@1 lo"], metrics["R@1 hi"] = bootstrap_interval((ranks == 1).float())
-        if "contrastive" in ranked and name != "contrastive":
-            gain = (ranks == 1).float() - (ranked["contrastive"][1] == 1).float()
-            metrics["gain"], (metrics["gain lo"], metrics["gain hi"]) = gain.mean().item(), bootstrap_interval(gain)
-            metrics["gain lo adjusted"] = bootstrap_interval(gain, level=1 - 0.05 / learned)[0]
-    return {name: metrics for name, (metrics, _) in ranked.items()}
-
-
-@torch.no_grad()
-def query_vectors(model: DiffGAP, queries: torch.Tensor, direction: int, score: str, num_samples: int = 16,
-                  **sample_kw) -> torch.Tensor:
-    """The query side of `score` for new queries (Q, D_q) -> (Q, D'): their inner products with
-    the gallery vectors sample.py --export-gallery writes rank like the score. The same settings
-    as the export (its index.json) give the same ranking; sample_kw as in sample()."""
-    g_hat_q = model.translate(queries, direction, num_samples, **sample_kw) if parse_score(score)[1] > 0 else None
-    return query_side(score, queries, g_hat_q)
-
-
-def choose_score(val_results: dict[str, dict]) -> str:
-    """The score to rank new data by, from score_retrieval's results on the validation split.
-
-    A learned score replaces contrastive only when its R@1 gain over contrastive is beyond
-    noise: the lower end of its paired bootstrap interval, adjusted for the number of
-    candidates ("gain lo adjusted"), is above zero. Among those, and contrastive, the best
-    validation R@1 wins, the simpler on a tie (score_names' order). Taking the plain maximum
-    would pick a winner of noise on a small validation split: a +1.9 point "gain" from two
-    queries that was 4.8 points below contrastive on test. Without contrastive among the
-    results (unequal dims) the best R@1 wins.
-    """
-    if "contrastive" in val_results:
-        val_results = {name: m for name, m in val_results.items()
-                       if name == "contrastive" or m.get("gain lo adjusted", 0.0) > 0}
-    return max(val_results, key=lambda name: val_results[name]["R@1"])
-
-
-def choice_reason(val_results: dict[str, dict], chosen: str) -> str:
-    """Why choose_score chose `chosen`, in words for a table's legend (gains in R@1 points)."""
-    if "contrastive" not in val_results:
-        return "the best validation R@1 (no contrastive score: the dims differ)"
-    learned = {n: m for n, m in val_results.items() if n != "contrastive"}
-    if chosen != "contrastive":
-        m = learned[chosen]
-        return (f"{100 * m['gain']:+.1f} over contrastive on validation, beyond noise (adjusted lower bound "
-                f"{100 * m['gain lo adjusted']:+.1f} > 0 with {len(learned)} candidates)")
-    if not learned:
-        return "the only candidate"
-    best = max(learned, key=lambda n: learned[n]["R@1"])
-    m = learned[best]
-    return (f"no learned score's validation gain is beyond noise (best: {best} {100 * m['gain']:+.1f}, adjusted lower "
-            f"bound {100 * m['gain lo adjusted']:+.1f} with {len(learned)} candidates)")
-
-
-# ----------------------------------------------------------------------------------------
-# 6. Checkpoints: plain dicts of tensors and Python types, written atomically (DESIGN 3.10)
-# ----------------------------------------------------------------------------------------
-
-def atomic_write(path: str, write) -> None:
-    """Call write(f) on a temp file beside path, then make it path: all of it or none of it.
-
-    The data is fsynced before the rename and the folder after it; without the first, a power
-    loss can keep the rename but not the data (an empty file where the old one was).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a crash before this line leaves the previous file intact
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)           # the rename itself is durable only once the folder is
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(path: str, model: DiffGAP, **extra) -> None:
-    """Write {"config", "model", **extra} to path atomically and durably (atomic_write)."""
-    state = {"config": asdict(model.config), "model": model.state_dict(), **extra}
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: str, map_location="cpu") -> tuple[DiffGAP, dict]:
-    """Rebuild the model from a checkpoint; raises ValueError naming the file if it is unusable."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        model = DiffGAP(DiffGAPConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    except Exception as e:  # truncated zip, wrong keys, wrong shapes: all mean "not usable"
-        raise ValueError(f"{path}: not a usable diffgap checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    bad = non_finite(model.state_dict())
-    if bad:
-        raise ValueError(f"{path}: {bad} (a diverged run): retrain, e.g. with a lower learning rate")
-    return model, ckpt
-
-
-def non_finite(tensors: dict) -> str:
-    """'' if every floating-point tensor of a state dict is finite, else which and how many are not."""
-    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()}
-    bad = {k: n for k, n in counts.items() if n}
-    if not bad:
-        return ""
-    total = sum(v.numel() for k, v in tensors.items() if k in counts)
-    return f"{sum(bad.values()):,} of {total:,} values are not finite (first: {next(iter(bad))})"

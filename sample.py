@@ -5,7 +5,7 @@
     python sample.py --export-gallery index/                    # gallery vectors of the chosen score
     python sample.py --direction b2a --cond video.npy --out audio_hat.npy
 
-Evaluation prints, for each direction on the test split, R@1/5/10 of every score (DESIGN.md 4:
+Evaluation prints, for each direction on the test split, R@1/5/10 of every score (diffgap_eval.py:
 contrastive, diffgap, two-way and their blends with contrastive), each R@1 with a 95% interval,
 and marks with * the score chosen on the validation split (--score auto): the reader sees its
 test figure beside every candidate's. Then the Frechet distance and mean paired cosine of the
@@ -16,18 +16,13 @@ checkpoint; a second run reuses it. EMA weights are used.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
-import os
 
-import numpy as np
 import torch
 
 import diffgap as dg
+import diffgap_eval as ev
 import embed_cache
-from train import (DIRECTIONS, GALLERY_GUIDANCE, RANK_GUIDANCE, ArgParser, check_dims, gallery_translations,
-                   guidance_words, number, pick_device, rank_guidance, retrieval_table, run_cli, split_scores,
-                   split_translations)
+from diffgap_eval import ArgParser, number
 
 
 def parse_args(argv=None):
@@ -38,11 +33,11 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=number(float, 0), default=0.0, help="DDIM noise (0: deterministic)")
     p.add_argument("--guidance", type=number(float), default=1.0,
                    help="guidance scale of generated embeddings (--cond, FD, paired cos); 1: none")
-    p.add_argument("--rank-guidance", type=number(float), default=RANK_GUIDANCE,
+    p.add_argument("--rank-guidance", type=number(float), default=ev.RANK_GUIDANCE,
                    help="guidance scale of the K samples averaged for the learned retrieval scores "
                         "(1 for models trained with --p-uncond 0)")
-    p.add_argument("--gallery-guidance", type=number(float), default=GALLERY_GUIDANCE,
-                   help=f"guidance scale of the gallery side of the two-way scores (default {GALLERY_GUIDANCE:g})")
+    p.add_argument("--gallery-guidance", type=number(float), default=ev.GALLERY_GUIDANCE,
+                   help=f"guidance scale of the gallery side of the two-way scores (default {ev.GALLERY_GUIDANCE:g})")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged for the diffgap score")
     p.add_argument("--score", type=score_name, default="auto",
                    help="the score to mark and export: auto (default: per direction, the best validation R@1 among "
@@ -50,7 +45,7 @@ def parse_args(argv=None):
                         "two-way or blend-0.5")
     p.add_argument("--export-gallery", metavar="DIR",
                    help="write the evaluated split's gallery vectors of the chosen score (unit rows, .npy), their "
-                        "ids and index.json, for any inner-product index; queries: diffgap.query_vectors")
+                        "ids and index.json, for any inner-product index; queries: diffgap_eval.query_vectors")
     p.add_argument("--direction", choices=["both", "b2a", "a2b"], default="both")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--data", help="data spec to evaluate on (default: the one stored in the checkpoint)")
@@ -67,24 +62,10 @@ def score_name(text: str) -> str:
     """An argparse type: auto or a score name that diffgap.parse_score accepts."""
     if text != "auto":
         try:
-            dg.parse_score(text)
+            ev.parse_score(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return text
-
-
-def find_checkpoint(path: str | None) -> str:
-    if path:
-        return path
-    found = glob.glob(os.path.join("runs", "**", "*.pt"), recursive=True)
-    if not found:
-        raise FileNotFoundError("no checkpoint under runs/: train one first, e.g. python train.py --pair audio-video")
-    return max(found, key=os.path.getmtime)
-
-
-def save_npy(path: str, x: torch.Tensor) -> None:
-    """Write x as float32 .npy atomically and durably (dg.atomic_write)."""
-    dg.atomic_write(path, lambda f: np.save(f, x.cpu().numpy().astype(np.float32)))
 
 
 def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:
@@ -99,40 +80,18 @@ def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:
     g = torch.Generator(device=device).manual_seed(args.seed)
     kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance, generator=g)
     out = model.sample_many(cond.to(device), direction, args.num_samples, **kw).mean(0)
-    save_npy(args.out, torch.nn.functional.normalize(out, dim=-1))
+    ev.save_npy(args.out, torch.nn.functional.normalize(out, dim=-1))
     print(f"wrote {args.out}: {tuple(out.shape)} unit-norm embeddings "
           f"(mean of {args.num_samples} samples, {args.steps} {args.sampler} steps)")
 
 
-def export_gallery(folder: str, split, direction: int, score: str, translations: dict, info: dict) -> None:
-    """DIR/<b2a|a2b>.gallery.npy (G, D') unit rows of the score's gallery side, .ids.txt one id per
-    row, and index.json: what a query needs to be scored against them (diffgap.query_vectors)."""
-    _, gal, _ = split.retrieval(direction)
-    name = ("b2a", "a2b")[direction]
-    os.makedirs(folder, exist_ok=True)
-    save_npy(os.path.join(folder, f"{name}.gallery.npy"),
-             dg.gallery_side(score, gal, gallery_translations(translations, direction)))
-    ids = (split.a_ids if direction == 0 else split.b_ids) or [str(i) for i in range(len(gal))]
-    dg.atomic_write(os.path.join(folder, f"{name}.ids.txt"), lambda f: f.write("".join(f"{i}\n" for i in ids).encode()))
-    path = os.path.join(folder, "index.json")
-    entries = {}
-    if os.path.exists(path):   # the other direction's entry, from this or an earlier export
-        with open(path) as f:
-            entries = json.load(f)
-    entries[name] = dict(info, score=score, direction=direction, rows=len(gal),
-                         query=f"diffgap.query_vectors(model, queries, {direction}, {score!r}, "
-                               f"num_samples={info['num_samples']}, steps={info['steps']}, guidance={info['guidance']:g})")
-    dg.atomic_write(path, lambda f: f.write(json.dumps(entries, indent=1).encode()))
-    print(f"exported {name}: {len(gal)} gallery rows of the {score} score to {folder}/{name}.gallery.npy (+ ids, index.json)")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = ev.pick_device(args.device)
     dg.KERNELS = args.kernels
     torch.manual_seed(args.seed)
-    path = find_checkpoint(args.ckpt)
-    model, ckpt = dg.load_checkpoint(path)
+    path = ev.find_checkpoint(args.ckpt)
+    model, ckpt = ev.load_checkpoint(path)
     model.to(device).eval()
     directions = {"both": (0, 1), "b2a": (0,), "a2b": (1,)}[args.direction]
     if args.cond:
@@ -140,27 +99,27 @@ def main(argv=None) -> int:
         return 0
 
     data = embed_cache.load(args.data or ckpt["data"], ckpt["pair"])
-    check_dims(data, model)
-    names = dg.score_names(data.dims[0] == data.dims[1])
+    ev.check_dims(data, model)
+    names = ev.score_names(data.dims[0] == data.dims[1])
     if args.score not in ("auto", *names):   # a blend weight off the grid joins the candidates
         if data.dims[0] != data.dims[1]:
             raise ValueError(f"--score {args.score}: with dims {data.dims[0]}/{data.dims[1]} use one of {', '.join(names)}")
         names.append(args.score)
     print(f"checkpoint {path} (step {ckpt['step']}); {data.summary()}")
-    rank_g, gallery_g = rank_guidance(model, args.rank_guidance), rank_guidance(model, args.gallery_guidance)
+    rank_g, gallery_g = ev.rank_guidance(model, args.rank_guidance), ev.rank_guidance(model, args.gallery_guidance)
     kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=rank_g, seed=args.seed,
               gallery_guidance=gallery_g)
     needed = [args.split] + (["val"] if args.score == "auto" and args.split != "val" else [])
-    translations = {name: split_translations(model, data.splits[name], name, path, args.num_samples, **kw)
+    translations = {name: ev.split_translations(model, data.splits[name], name, path, args.num_samples, **kw)
                     for name in needed}
     split = data.splits[args.split]
     results, chosen, reasons, quality = {}, {}, {}, []
     for d in directions:
-        results[d] = split_scores(split, d, translations[args.split], names)
+        results[d] = ev.split_scores(split, d, translations[args.split], names)
         if args.score == "auto":
-            val = results[d] if args.split == "val" else split_scores(data.splits["val"], d, translations["val"], names)
-            chosen[d] = dg.choose_score(val)
-            reasons[d] = dg.choice_reason(val, chosen[d])
+            val = results[d] if args.split == "val" else ev.split_scores(data.splits["val"], d, translations["val"], names)
+            chosen[d] = ev.choose_score(val)
+            reasons[d] = ev.choice_reason(val, chosen[d])
             for name, m in results[d].items():
                 m["val R@1"] = val[name]["R@1"]
         else:
@@ -172,16 +131,16 @@ def main(argv=None) -> int:
                            generator=g)                                                               # (Q, D)
         # the raw conditions against the same targets: the modality gap before DiffGAP
         fd_cond = f"{dg.frechet_distance(q, gal):14.4f}" if q.shape[1] == gal.shape[1] else f"{'n/a':>14}"
-        quality.append(f"{DIRECTIONS[d]:<10}{dg.frechet_distance(one, gal):10.4f}{fd_cond}"
+        quality.append(f"{ev.DIRECTIONS[d]:<10}{dg.frechet_distance(one, gal):10.4f}{fd_cond}"
                        f"{dg.paired_cosine(one, gal, rel):12.4f}")
         if data.oracle is not None:
             results[d]["oracle"] = dg.retrieval_metrics(data.oracle(q.cpu(), gal.cpu(), d), rel.cpu())
     if args.score == "auto":
         print("--score auto, chosen on the validation split:" + "".join(
-            f"\n  {DIRECTIONS[d]} {chosen[d]} (val R@1 {100 * results[d][chosen[d]]['val R@1']:.1f}): {reasons[d]}"
+            f"\n  {ev.DIRECTIONS[d]} {chosen[d]} (val R@1 {100 * results[d][chosen[d]]['val R@1']:.1f}): {reasons[d]}"
             for d in directions))
-    print(retrieval_table(results, f"{args.split} retrieval (%), {args.steps} {args.sampler} steps, "
-                                   f"K={args.num_samples} samples averaged, {guidance_words(rank_g, gallery_g)}; "
+    print(ev.retrieval_table(results, f"{args.split} retrieval (%), {args.steps} {args.sampler} steps, "
+                                   f"K={args.num_samples} samples averaged, {ev.guidance_words(rank_g, gallery_g)}; "
                                    f"* the score {'chosen on validation' if args.score == 'auto' else 'asked for'}:",
                           chosen))
     print(f"generation quality ({args.split} split, one sample per query, guidance {args.guidance:g}):")
@@ -195,9 +154,9 @@ def main(argv=None) -> int:
         info = dict(checkpoint=path, data=data.spec, split=args.split, num_samples=args.num_samples, steps=args.steps,
                     sampler=args.sampler, eta=args.eta, guidance=rank_g, gallery_guidance=gallery_g, seed=args.seed)
         for d in directions:
-            export_gallery(args.export_gallery, split, d, chosen[d], translations[args.split], info)
+            ev.export_gallery(args.export_gallery, split, d, chosen[d], translations[args.split], info)
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    ev.run_cli(main)

@@ -18,84 +18,38 @@ dropout of every step derive from (--seed, step), and the checkpoint holds the r
 from __future__ import annotations
 
 import argparse
-import hashlib
+import inspect
 import math
 import os
 import signal
-import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import diffgap as dg
+import diffgap_eval as ev
 import embed_cache
+from diffgap_eval import ArgParser, number
 
-DIRECTIONS = {0: "B->A", 1: "A->B"}
-# Classifier-free guidance scale for the samples whose mean ranks the gallery. Chosen on the
-# validation split of synthetic seed 0 among 1-16 and confirmed on held-out seeds 3 and 4
-# (README, Results: test R@1 17.6 -> 37.4 on seed 4). Generation keeps guidance 1.
-RANK_GUIDANCE = 16.0
-# The two-way score's gallery side (each gallery item translated into the query's modality)
-# ranks best with milder guidance: on the validation split of both default checkpoints, 8 was
-# the best of 1-16 in all four pair-direction cells, 1.0-1.9 R@1 above 16, and it held on a
-# held-out seed (results/README.md).
-GALLERY_GUIDANCE = 8.0
-# The default run's length floor. 30 epochs of 250 pairs are 120 steps, after which the learned
-# scores lose to contrastive by 30 points; 3,000 steps of batch 64 are ~30 s on a 2-core CPU.
-MIN_STEPS = 3000
-
-
-def rank_guidance(model, scale: float) -> float:
-    """The retrieval guidance scale, or 1 for a model trained without condition dropout."""
-    return scale if model.config.p_uncond > 0 else 1.0
-
-
-def guidance_words(guidance: float, gallery_guidance: float) -> str:
-    """The guidance scales of a retrieval table's title."""
-    return f"guidance {guidance:g}" + ("" if gallery_guidance == guidance else f" ({gallery_guidance:g} for two-way galleries)")
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse with the project's error format: one `error:` line on stderr, exit status 2."""
-
-    def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def number(kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
-    """An argparse type: a finite `kind` (int or float) in the range lo..hi (ends excluded if *_open)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        bounds = ([f"{'>' if lo_open else '>='} {lo:g}"] if lo > -math.inf else []) + \
-                 ([f"{'<' if hi_open else '<='} {hi:g}"] if hi < math.inf else [])
-        inside = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-        if not (math.isfinite(value) and inside):
-            raise argparse.ArgumentTypeError(f"must be finite{', ' if bounds else ''}{' and '.join(bounds)}; got {text}")
-        return value
-    return parse
 
 
 # Options that define a run: a fresh run takes the default when the option is not given; a
 # resumed run keeps the checkpoint's value and refuses a different one (it would not be the
 # same run any more, and the exact-resume guarantee would be silently gone).
+CONFIG = dg.DiffGAPConfig()   # one set of defaults: the model's and the optimiser's are the run's
 RUN_OPTIONS = {  # option: (default, where the checkpoint keeps it)
     "data": ("synthetic", lambda c: c["data"]),
     "batch_size": (64, lambda c: c["batch_size"]),
-    "lr": (1e-3, lambda c: c["lr"]),
+    "lr": (inspect.signature(dg.make_optimizer).parameters["lr"].default, lambda c: c["lr"]),
     "seed": (0, lambda c: c.get("seed", 0)),
     "direction": ("both", lambda c: c.get("direction", "both")),
-    "objective": ("v", lambda c: c["config"]["objective"]),
-    "schedule": ("cosine", lambda c: c["config"]["schedule"]),
-    "p_uncond": (0.1, lambda c: c["config"]["p_uncond"]),
-    "ema_decay": (0.999, lambda c: c["config"]["ema_decay"]),
-    "switch_every": (500, lambda c: c["config"]["switch_every"]),
-    "no_direction_embedding": (False, lambda c: not c["config"]["direction_embedding"]),
+    "objective": (CONFIG.objective, lambda c: c["config"]["objective"]),
+    "schedule": (CONFIG.schedule, lambda c: c["config"]["schedule"]),
+    "p_uncond": (CONFIG.p_uncond, lambda c: c["config"]["p_uncond"]),
+    "ema_decay": (CONFIG.ema_decay, lambda c: c["config"]["ema_decay"]),
+    "switch_every": (CONFIG.switch_every, lambda c: c["config"]["switch_every"]),
+    "no_direction_embedding": (not CONFIG.direction_embedding, lambda c: not c["config"]["direction_embedding"]),
     "compile": (False, lambda c: c.get("compile", False)),   # compiled kernels round differently
 }
 
@@ -109,8 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=number(int, 1),
                    help="passes over the training pairs (default: 30, the paper's, or as many as --min-steps needs; "
                         "on --resume, the checkpoint's)")
-    p.add_argument("--min-steps", type=number(int, 1), default=MIN_STEPS,
-                   help=f"without --epochs, train at least this many steps (default {MIN_STEPS}): 30 epochs of a "
+    p.add_argument("--min-steps", type=number(int, 1), default=ev.MIN_STEPS,
+                   help=f"without --epochs, train at least this many steps (default {ev.MIN_STEPS}): 30 epochs of a "
                         f"small set are too few steps to learn anything")
     p.add_argument("--batch-size", type=number(int, 1), help="default 64 (the paper's)")
     p.add_argument("--lr", type=number(float, 0, lo_open=True),
@@ -122,10 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--p-uncond", type=number(float, 0, 1, hi_open=True),
                    help="condition dropout in [0, 1), which enables classifier-free guidance; default 0.1 "
                         "(0: paper-faithful, no guidance)")
-    p.add_argument("--rank-guidance", type=number(float), default=RANK_GUIDANCE,
+    p.add_argument("--rank-guidance", type=number(float), default=ev.RANK_GUIDANCE,
                    help="guidance scale of the samples averaged for the learned retrieval scores")
-    p.add_argument("--gallery-guidance", type=number(float), default=GALLERY_GUIDANCE,
-                   help=f"guidance scale of the gallery side of the two-way scores (default {GALLERY_GUIDANCE:g})")
+    p.add_argument("--gallery-guidance", type=number(float), default=ev.GALLERY_GUIDANCE,
+                   help=f"guidance scale of the gallery side of the two-way scores (default {ev.GALLERY_GUIDANCE:g})")
     p.add_argument("--ema-decay", type=number(float, 0, 1, hi_open=True), help="in [0, 1), default 0.999; 0 turns EMA off")
     p.add_argument("--no-direction-embedding", action="store_const", const=True, help="paper-faithful shared network")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged in the final evaluation")
@@ -175,134 +129,6 @@ def training_length(args, per_epoch: int) -> tuple[int, str]:
     return epochs, f"30 epochs would be {30 * per_epoch} steps, under --min-steps {args.min_steps}"
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def check_dims(data: embed_cache.Dataset, model: dg.DiffGAP) -> None:
-    """A checkpoint only fits data of the dims it was trained on."""
-    if data.dims != (model.config.dim_a, model.config.dim_b):
-        raise ValueError(f"{data.spec}: dims {data.dims[0]}/{data.dims[1]} do not match the checkpoint's "
-                         f"{model.config.dim_a}/{model.config.dim_b}")
-
-
-MEDR_LEGEND = ("medR: median of the 1-based ranks of each query's best correct item, the mean of the middle two for an "
-               "even count (as CLIP4Clip);\n      LAION-CLAP's and open_clip's evaluation print floor(median of 0-based "
-               "ranks) + 1 instead (1, not 1.5, for ranks 1, 1, 2, 3).")
-
-
-def retrieval_table(results: dict, title: str, chosen: dict | None = None) -> str:
-    """results: {direction: {score name: metrics}} -> a small aligned text table.
-
-    Brackets hold 95% bootstrap intervals over queries (dg.score_retrieval) where present: of
-    R@1, and of the paired R@1 gain over contrastive on the same queries. A "val R@1" entry
-    gets its own column; chosen {direction: score} marks those rows with "*".
-    """
-    pct = lambda m, key: f"[{100 * m[key + ' lo']:.1f}, {100 * m[key + ' hi']:.1f}]" if key + " lo" in m else ""
-    val = any("val R@1" in m for by_score in results.values() for m in by_score.values())
-    width = max(len(name) for by_score in results.values() for name in by_score) + 3
-    lines = [title, f"{'direction':<10}{'score':<{width}}" + (f"{'val R@1':>8}" if val else "") +
-             f"{'R@1':>7} {'95% CI':<14}{'R@5':>6}{'R@10':>7}{'mAP@10':>8}{'medR':>6}  R@1 gain over contrastive"]
-    for d, by_score in results.items():
-        for name, m in by_score.items():
-            mark = " *" if chosen and chosen.get(d) == name else ""
-            gain = f"{100 * m['gain']:+5.1f} {pct(m, 'gain')}" if "gain" in m else ""
-            lines.append(f"{DIRECTIONS[d]:<10}{name + mark:<{width}}" + (f"{100 * m['val R@1']:8.1f}" if "val R@1" in m else " " * 8 * val) +
-                         f"{100 * m['R@1']:7.1f} {pct(m, 'R@1'):<14}{100 * m['R@5']:6.1f}{100 * m['R@10']:7.1f}"
-                         f"{100 * m['mAP@10']:8.1f}{m['median_rank']:6g}  {gain}".rstrip())
-    lines.append(MEDR_LEGEND)
-    return "\n".join(lines)
-
-
-def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, sampler: str = "ddim",
-                    eta: float = 0.0, guidance: float = 1.0, seed: int = 0,
-                    gallery_guidance: float | None = None) -> dict[str, torch.Tensor]:
-    """{"b2a": (N_b, D_A), "a2b": (N_a, D_B)}: every row of a split translated into the other
-    modality (the mean of num_samples samples, DiffGAP.translate), on the CPU. Each direction
-    draws from its own generator seeded by (seed, direction). With a gallery_guidance other than
-    guidance, also "b2a_gallery" and "a2b_gallery": the same rows translated with that guidance,
-    for the gallery side of the two-way scores (split_scores)."""
-    device = next(model.parameters()).device
-    rows = {name: (x[:] if isinstance(x, embed_cache.Rows) else x).to(device)   # read once, used at every scale
-            for name, x in (("b2a", split.b), ("a2b", split.a))}
-    scales = {"": guidance} if gallery_guidance in (None, guidance) else {"": guidance, "_gallery": gallery_guidance}
-    out = {}
-    for suffix, scale in scales.items():
-        for direction, (name, x) in enumerate(rows.items()):
-            g = torch.Generator(device=device).manual_seed(dg.derived_seed(seed, "translate", direction))
-            out[name + suffix] = model.translate(x, direction, num_samples, steps=steps, sampler=sampler, eta=eta,
-                                                 guidance=scale, generator=g).cpu()
-    return out
-
-
-def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str, num_samples: int, steps: int = 5,
-                       sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0, seed: int = 0,
-                       gallery_guidance: float | None = None, say=print) -> dict[str, torch.Tensor]:
-    """Every row of a split translated into the other modality, cached beside the checkpoint.
-
-    Returns translate_split's dict: {"b2a": (N_b, D_A), "a2b": (N_a, D_B)}, the mean of
-    num_samples samples per row (DiffGAP.translate), and, with a gallery_guidance other than
-    guidance, the same at that scale ("b2a_gallery", "a2b_gallery"); every score of both
-    directions follows from them (query side and, for two-way, gallery side). The file
-    CKPT_STEM.<split>-translations.npz is reused while the checkpoint's bytes, the split's
-    embeddings and these settings are unchanged, and rebuilt otherwise; a cached and a rebuilt
-    translation are the same numbers.
-    """
-    a, b = (x[:] if isinstance(x, embed_cache.Rows) else x for x in (split.a, split.b))
-    device = next(model.parameters()).device
-    gallery_guidance = None if gallery_guidance == guidance else gallery_guidance
-    settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=guidance, seed=seed,
-                    gallery_guidance=gallery_guidance, device=device.type, kernels=dg.KERNELS)
-    digest = hashlib.blake2b(repr(sorted(settings.items())).encode(), digest_size=16)
-    with open(ckpt_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    for x in (a, b, split.b_to_a):
-        digest.update(x.contiguous().numpy().tobytes())
-    key, path = digest.hexdigest(), os.path.splitext(ckpt_path)[0] + f".{split_name}-translations.npz"
-    suffixes = ("",) if gallery_guidance is None else ("", "_gallery")
-    shapes = {name + suffix: shape for name, shape in (("b2a", (len(b), a.shape[1])), ("a2b", (len(a), b.shape[1])))
-              for suffix in suffixes}
-    try:
-        with np.load(path) as z:
-            if str(z["key"]) == key and all(z[name].shape == shape for name, shape in shapes.items()):
-                say(f"{split_name} translations: reused {path}")
-                return {name: torch.from_numpy(z[name]) for name in shapes}
-    except FileNotFoundError:
-        pass
-    except Exception as e:   # unreadable or from an older layout: rebuild it
-        say(f"{split_name} translations: {path} is unreadable ({type(e).__name__}), rebuilding")
-    samples = num_samples * (len(a) + len(b)) * len(suffixes)
-    again = "" if gallery_guidance is None else f" and again at {gallery_guidance:g} for two-way galleries"
-    say(f"{split_name} translations: building (K={num_samples} samples for each of {len(a) + len(b)} rows, {steps} "
-        f"{sampler} steps, guidance {guidance:g}{again}: {samples:,} samples), once per checkpoint and split")
-    t0 = time.perf_counter()
-    out = translate_split(model, embed_cache.Split(a=a, b=b, b_to_a=split.b_to_a), num_samples, steps, sampler, eta,
-                          guidance, seed, gallery_guidance)   # the rows already read, not read again from a memmap
-    secs = time.perf_counter() - t0
-    dg.atomic_write(path, lambda f: np.savez(f, key=np.array(key), **{k: v.numpy() for k, v in out.items()}))
-    say(f"{split_name} translations: built in {secs:.1f} s ({samples / secs:,.0f} samples/s), saved to {path}")
-    return out
-
-
-def gallery_translations(translations: dict, direction: int) -> torch.Tensor:
-    """The gallery side of a direction's two-way scores from split_translations' output: the
-    gallery translated the other way, at the gallery guidance when that was built apart."""
-    name = "a2b" if direction == 0 else "b2a"
-    return translations.get(name + "_gallery", translations[name])
-
-
-def split_scores(split, direction: int, translations: dict, scores=None) -> dict[str, dict]:
-    """dg.score_retrieval for one direction of a split, from split_translations' output."""
-    q, gal, rel = split.retrieval(direction)
-    g_hat_q = translations["b2a" if direction == 0 else "a2b"]
-    return dg.score_retrieval(q, gal, rel, g_hat_q, gallery_translations(translations, direction), scores)
-
-
 def some_parameters_idle(config: dg.DiffGAPConfig) -> bool:
     """Whether some training steps leave parameters out of the loss, which DistributedDataParallel
     must be told (find_unused_parameters, a graph walk per step): with unequal dims each direction
@@ -330,7 +156,7 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank, world, device = init_distributed(pick_device(args.device))
+    rank, world, device = init_distributed(ev.pick_device(args.device))
     try:
         return run_training(args, rank, world, device)
     finally:
@@ -346,7 +172,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     ckpt = None
     if args.resume:
         resume_path = ckpt_path if args.resume == "auto" else args.resume
-        model, ckpt = dg.load_checkpoint(resume_path)
+        model, ckpt = ev.load_checkpoint(resume_path)
         if ckpt.get("pair") != args.pair:
             raise ValueError(f"{resume_path}: checkpoint is for --pair {ckpt.get('pair')}, not {args.pair}")
     settle_run_options(args, ckpt)
@@ -363,15 +189,15 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
         model = dg.DiffGAP(config)
         model.fit_stats(train.a, train.b)
     else:
-        check_dims(data, model)
+        ev.check_dims(data, model)
     model.to(device)
     if args.compile:  # falls back to eager for anything the compiler cannot handle
         torch._dynamo.config.suppress_errors = True
         model.loss = torch.compile(model.loss, dynamic=False)
     ddp = None
-    if world > 1:  # averages the gradients of the ranks' slices; the buffers are constants
+    if world > 1:  # averages the gradients of the ranks' slices (EMA and buffers are not trained)
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model.net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
             find_unused_parameters=some_parameters_idle(model.config))
     optimizer = dg.make_optimizer(model, args.lr)
     start_step = 0
@@ -397,12 +223,12 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
 
     def save(step: int) -> None:
         if rank == 0:
-            bad = dg.non_finite(model.state_dict()) or dg.non_finite(
+            bad = ev.non_finite(model.state_dict()) or ev.non_finite(
                 {f"optimizer {i} {k}": v for i, st in optimizer.state.items() for k, v in st.items()})
             if bad:   # never overwrite the last good checkpoint with a diverged model
                 raise diverged(f"step {step}: {bad}")
             saved["step"] = step
-            dg.save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=step, pair=args.pair,
+            ev.save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=step, pair=args.pair,
                                data=data.spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                seed=args.seed, direction=args.direction, compile=args.compile)
 
@@ -431,7 +257,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
             step = stats["step"]
             bar.update(1)
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", direction=DIRECTIONS[stats["direction"]])
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", direction=ev.DIRECTIONS[stats["direction"]])
             if step % per_epoch == 0 or time.monotonic() - last_save >= 60 * args.save_every_min:
                 save(step)
                 last_save = time.monotonic()
@@ -455,33 +281,21 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
         return 0
 
     model.eval()
-    val, guidance = data.splits["val"], rank_guidance(model, args.rank_guidance)
-    gallery_guidance = rank_guidance(model, args.gallery_guidance)
+    val, guidance = data.splits["val"], ev.rank_guidance(model, args.rank_guidance)
+    gallery_guidance = ev.rank_guidance(model, args.gallery_guidance)
     # sample.py reuses these translations (its defaults: K 16, 5 DDIM steps, sampling seed 0)
-    translations = split_translations(model, val, "val", ckpt_path, args.num_samples, guidance=guidance,
+    translations = ev.split_translations(model, val, "val", ckpt_path, args.num_samples, guidance=guidance,
                                       gallery_guidance=gallery_guidance)
     results, chosen = {}, {}
     for d in (0, 1):
-        every = split_scores(val, d, translations)
-        chosen[d] = dg.choose_score(every)
+        every = ev.split_scores(val, d, translations)
+        chosen[d] = ev.choose_score(every)
         results[d] = {k: v for k, v in every.items() if k in ("contrastive", "diffgap", "two-way", chosen[d])}
-    say(retrieval_table(results, f"validation retrieval (%), 5 DDIM steps, K={args.num_samples} samples averaged, "
-                                 f"{guidance_words(guidance, gallery_guidance)}; * the score sample.py --score auto "
+    say(ev.retrieval_table(results, f"validation retrieval (%), 5 DDIM steps, K={args.num_samples} samples averaged, "
+                                 f"{ev.guidance_words(guidance, gallery_guidance)}; * the score sample.py --score auto "
                                  f"will use:", chosen))
     return 0
 
 
-def run_cli(main) -> None:
-    """Run a command's main(): bad input becomes one line on stderr and exit status 2."""
-    try:
-        sys.exit(main())
-    except (embed_cache.DataError, ValueError, OSError) as e:   # OSError: FileNotFoundError, disk full, ...
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:   # outside training's own handler (loading data, evaluating)
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
 if __name__ == "__main__":
-    run_cli(main)
+    ev.run_cli(main)

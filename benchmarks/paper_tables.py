@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import diffgap as dg  # noqa: E402
+import diffgap_eval as ev  # noqa: E402
 import embed_cache  # noqa: E402
 from baselines import MLPBaseline, fit_plugin, fit_ridge, ridge_predict  # noqa: E402
 
@@ -155,7 +156,7 @@ def run_job(job: Job) -> list[tuple]:
             # two-way: the gallery translated the other way too (K samples each, DESIGN 4)
             q_hat = sample_k(model, g, 1 - d, job.num_samples, job.seed + 1, steps=5)[0].mean(0)
             out += metric_records("retrieval", f"{row}|diffgap two-way",
-                                  dg.score_retrieval(q, g, rel, g_hat, q_hat, scores=["two-way"])["two-way"])
+                                  ev.score_retrieval(q, g, rel, g_hat, q_hat, scores=["two-way"])["two-way"])
             if q.shape[1] == g.shape[1]:
                 out += [("retrieval", f"{row}|contrastive", "FD", dg.frechet_distance(q, g)),
                         ("retrieval", f"{row}|contrastive", "cos", dg.paired_cosine(q, g, rel))]

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import diffgap as dg  # noqa: E402
 import embed_cache  # noqa: E402
-from sample import find_checkpoint  # noqa: E402
-from train import GALLERY_GUIDANCE, RANK_GUIDANCE, rank_guidance  # noqa: E402
+import diffgap_eval as ev  # noqa: E402
+from diffgap_eval import GALLERY_GUIDANCE, RANK_GUIDANCE, find_checkpoint, rank_guidance  # noqa: E402
 
 COLOURS = {"audio": "#1f77b4", "other": "#ff7f0e", "generated": "#2ca02c", "B->A": "#1f77b4", "A->B": "#d62728"}
 KS = (1, 2, 4, 8, 16)
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     path = find_checkpoint(args.ckpt)
-    model, ckpt = dg.load_checkpoint(path)
+    model, ckpt = ev.load_checkpoint(path)
     model.eval()
     data = embed_cache.load(ckpt["data"], ckpt["pair"])
     if data.dims[0] != data.dims[1]:
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         curves[name] = [(k, 100 * recall_at_1(samples[d][:k].mean(0), gal, rel)) for k in KS]
         q_hat_g = model.translate(gal, 1 - d, max(KS), steps=5, guidance=rank_guidance(model, GALLERY_GUIDANCE),
                                   generator=g)                                   # the gallery side, as sample.py
-        two = dg.score_retrieval(q, gal, rel, samples[d].mean(0), q_hat_g, scores=["contrastive", "two-way"])
+        two = ev.score_retrieval(q, gal, rel, samples[d].mean(0), q_hat_g, scores=["contrastive", "two-way"])
         flat[name] = (100 * two["contrastive"]["R@1"], 100 * two["two-way"]["R@1"])
     top = max(max(v for _, v in c) for c in curves.values())
     top = max(top, *(t for _, t in flat.values()))
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     svg = ['<svg xmlns="http://www.w3.org/2000/svg" width="940" height="530" viewBox="0 0 940 530">',
            '<rect width="940" height="530" fill="white"/>', *left.parts, *right.parts, "</svg>"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    dg.atomic_write(args.out, lambda f: f.write("\n".join(svg).encode()))
+    ev.atomic_write(args.out, lambda f: f.write("\n".join(svg).encode()))
     for name, c in curves.items():
         print(f"{name}: R@1 at K={', '.join(f'{k}: {v:.1f}' for k, v in c)}; contrastive {flat[name][0]:.1f}, "
               f"two-way (K=16) {flat[name][1]:.1f}")

@@ -8,7 +8,7 @@ space: contrastive test R@1 80-94, where a learned score should not help); multi
 video has 4 plausible soundtracks it does not show: a regressor's mean falls between them).
 
 DiffGAP is trained as `python train.py` trains it (its defaults: condition dropout 0.1, switch
-every 500 steps, Adam 1e-3, batch 64, 30 epochs or at least train.MIN_STEPS steps) and scored as `python sample.py` scores it (K = 16
+every 500 steps, Adam 1e-3, batch 64, 30 epochs or at least diffgap_eval.MIN_STEPS steps) and scored as `python sample.py` scores it (K = 16
 samples of 5-step DDIM, guidance 16, and 8 for two-way's gallery side; `auto` is the score
 chosen on validation). Baselines on
 the same splits: ridge and an MLP of the same size and steps (one-way, and two-way: each side
@@ -34,7 +34,8 @@ import diffgap as dg  # noqa: E402
 import embed_cache  # noqa: E402
 from baselines import MLPBaseline, fit_plugin, fit_ridge, ridge_predict  # noqa: E402
 from paper_tables import run_all  # noqa: E402
-from train import GALLERY_GUIDANCE, MIN_STEPS, RANK_GUIDANCE, RUN_OPTIONS, split_scores, translate_split  # noqa: E402
+import diffgap_eval as ev  # noqa: E402
+from diffgap_eval import GALLERY_GUIDANCE, MIN_STEPS, RANK_GUIDANCE, split_scores, translate_split  # noqa: E402
 
 REGIMES = {"default": "synthetic", "aligned": "synthetic:preset=aligned", "multimodal": "synthetic:preset=multimodal"}
 QUICK = ",n_train=600,n_val=100,n_test=100"
@@ -44,19 +45,15 @@ METHODS = ["contrastive", "ridge", "ridge two-way", "mlp", "mlp two-way", "plug-
 
 
 def product_config(data) -> dg.DiffGAPConfig:
-    """The model train.py builds by default (its RUN_OPTIONS defaults, e.g. m = 500 steps)."""
-    default = {name: value for name, (value, _) in RUN_OPTIONS.items()}
-    return dg.DiffGAPConfig(dim_a=data.dims[0], dim_b=data.dims[1], objective=default["objective"],
-                            schedule=default["schedule"], p_uncond=default["p_uncond"],
-                            ema_decay=default["ema_decay"], switch_every=default["switch_every"],
-                            direction_embedding=not default["no_direction_embedding"])
+    """The model train.py builds by default: DiffGAPConfig's defaults (e.g. m = 500 steps)."""
+    return dg.DiffGAPConfig(dim_a=data.dims[0], dim_b=data.dims[1])
 
 
 def train(model: dg.DiffGAP, data, steps: int, seed: int) -> dg.DiffGAP:
     train_split = data.splits["train"]
     model.fit_stats(train_split.a, train_split.b)
     a, b = train_split.pairs()
-    for _ in dg.train_steps(model, a, b, dg.make_optimizer(model, 1e-3), steps, 64, seed=seed):
+    for _ in dg.train_steps(model, a, b, dg.make_optimizer(model), steps, 64, seed=seed):
         pass
     return model.eval()
 
@@ -70,7 +67,7 @@ def with_interval(scores: torch.Tensor, relevant: torch.Tensor) -> tuple[float, 
     first = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, 0]
     rel = relevant if relevant.dtype == torch.bool else torch.nn.functional.one_hot(relevant, scores.shape[1]).bool()
     hits = rel[torch.arange(len(first)), first].float()
-    return (hits.mean().item(), *dg.bootstrap_interval(hits))
+    return (hits.mean().item(), *ev.bootstrap_interval(hits))
 
 
 def run_job(job: tuple) -> list[tuple]:
@@ -94,9 +91,9 @@ def run_job(job: tuple) -> list[tuple]:
         ridge = {e: fit_ridge(model, data.splits["train"], data.splits["val"], e)[0] for e in (d, 1 - d)}
         pred_q, pred_g = ridge_predict(model, ridge[d], q, d), ridge_predict(model, ridge[1 - d], g, 1 - d)
         mlp_q, mlp_g = mlp.predict(q, d), mlp.predict(g, 1 - d)
-        one = lambda qv, gv: r1(dg.score_retrieval(q, g, rel, qv, gv, scores=["diffgap"])["diffgap"])
-        two = lambda qv, gv: r1(dg.score_retrieval(q, g, rel, qv, gv, scores=["two-way"])["two-way"])
-        row("contrastive", r1(dg.score_retrieval(q, g, rel, q, scores=["contrastive"])["contrastive"]),
+        one = lambda qv, gv: r1(ev.score_retrieval(q, g, rel, qv, gv, scores=["diffgap"])["diffgap"])
+        two = lambda qv, gv: r1(ev.score_retrieval(q, g, rel, qv, gv, scores=["two-way"])["two-way"])
+        row("contrastive", r1(ev.score_retrieval(q, g, rel, q, scores=["contrastive"])["contrastive"]),
             dg.frechet_distance(q, g))
         row("ridge", one(pred_q, None), dg.frechet_distance(pred_q, g))
         row("ridge two-way", two(pred_q, pred_g))
@@ -108,7 +105,7 @@ def run_job(job: tuple) -> list[tuple]:
         sample = model.sample(q, d, steps=5, generator=torch.Generator().manual_seed(seed))   # guidance 1
         row("diffgap", r1(test_all["diffgap"]), dg.frechet_distance(sample, g))
         row("two-way", r1(test_all["two-way"]))
-        chosen = dg.choose_score(val_all)
+        chosen = ev.choose_score(val_all)
         out.append((regime, pair, DIRS[d], "auto", *r1(test_all[chosen]), math.nan, chosen))
         row("oracle", with_interval(data.oracle(q, g, d), rel))
     print(f"  {regime} {pair}: {steps} steps, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -169,7 +166,7 @@ def main(argv=None) -> int:
     results = run_all(run_job, jobs, args.workers)
     text = report([r for rs in results for r in rs], args, (time.time() - t0) / 60)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    dg.atomic_write(args.out, lambda f: f.write((text + "\n").encode()))
+    ev.atomic_write(args.out, lambda f: f.write((text + "\n").encode()))
     print(text)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import diffgap as dg
+import diffgap_eval as ev
 
 
 def test_single_relevant_item():
@@ -83,7 +84,7 @@ def test_every_score_is_one_inner_product_and_ranks_like_its_dense_formula(dims)
     d_q, d_g = dims
     g = torch.Generator().manual_seed(0)
     q, g_hat, gal, q_hat = (torch.randn(n, d, generator=g) for n, d in ((30, d_q), (30, d_g), (50, d_g), (50, d_q)))
-    names = dg.score_names(d_q == d_g)
+    names = ev.score_names(d_q == d_g)
     assert names == (["contrastive", "diffgap", "blend-0.25", "blend-0.5", "blend-0.75", "two-way",
                       "two-way-blend-0.25", "two-way-blend-0.5", "two-way-blend-0.75"] if d_q == d_g
                      else ["diffgap", "two-way"])
@@ -91,43 +92,43 @@ def test_every_score_is_one_inner_product_and_ranks_like_its_dense_formula(dims)
     many = torch.rand(30, 50, generator=g) < 0.1
     many[torch.arange(30), single] = True
     for name in names:
-        learned, lam = dg.parse_score(name)
+        learned, lam = ev.parse_score(name)
         dense = dg.cosine_scores(g_hat, gal) if learned == "diffgap" else \
             (dg.cosine_scores(g_hat, gal) + dg.cosine_scores(q, q_hat)) / 2
         if lam < 1:
             dense = (1 - lam) * dg.cosine_scores(q, gal) + lam * dense
-        qv, gv = dg.query_side(name, q, g_hat), dg.gallery_side(name, gal, q_hat)
+        qv, gv = ev.query_side(name, q, g_hat), ev.gallery_side(name, gal, q_hat)
         assert qv.shape[1] == gv.shape[1] == (d_g if learned == "diffgap" else d_g + d_q)
         assert torch.allclose(gv.norm(dim=1), torch.ones(50), atol=1e-6)      # unit rows: ready for an index
         assert torch.allclose(qv @ gv.T, dense / (1 if learned == "diffgap" else 2 ** 0.5), atol=1e-5), name
         for relevant in (single, many):
-            assert dg.score_retrieval(q, gal, relevant, g_hat, q_hat, scores=[name])[name]["R@1"] == \
+            assert ev.score_retrieval(q, gal, relevant, g_hat, q_hat, scores=[name])[name]["R@1"] == \
                 pytest.approx(dg.retrieval_metrics(dense, relevant)["R@1"])
 
 
 def test_score_names_parse_and_bad_names_are_refused():
-    assert dg.parse_score("two-way-blend-0.3") == ("two-way", 0.3)
-    assert dg.parse_score("blend-0.25") == ("diffgap", 0.25)
-    assert dg.parse_score("contrastive") == ("diffgap", 0.0)
+    assert ev.parse_score("two-way-blend-0.3") == ("two-way", 0.3)
+    assert ev.parse_score("blend-0.25") == ("diffgap", 0.25)
+    assert ev.parse_score("contrastive") == ("diffgap", 0.0)
     for bad in ("blend-1", "blend-0", "blend-x", "two-way-blend-", "cosine"):
         with pytest.raises(ValueError, match="unknown score"):
-            dg.parse_score(bad)
+            ev.parse_score(bad)
 
 
 def test_choice_on_validation_takes_the_best_and_the_simpler_on_a_tie():
     m = lambda r, lo=0.01: {"R@1": r, "gain lo adjusted": lo}     # gains beyond noise unless lo <= 0
-    assert dg.choose_score({"contrastive": m(0.5), "diffgap": m(0.6), "two-way": m(0.7)}) == "two-way"
-    assert dg.choose_score({"contrastive": m(0.7), "diffgap": m(0.6), "two-way": m(0.7)}) == "contrastive"
-    assert dg.choose_score({"contrastive": m(0.5), "diffgap": m(0.6), "blend-0.5": m(0.6)}) == "diffgap"
-    assert dg.choose_score({"contrastive": m(0.5), "diffgap": m(0.6), "two-way": m(0.7, lo=0.0)}) == "diffgap"
-    assert dg.choose_score({"contrastive": m(0.5), "diffgap": m(0.6, -0.1), "two-way": m(0.7, -0.01)}) == "contrastive"
-    assert dg.choose_score({"diffgap": m(0.6, None), "two-way": m(0.7, None)}) == "two-way"   # no contrastive: dims differ
+    assert ev.choose_score({"contrastive": m(0.5), "diffgap": m(0.6), "two-way": m(0.7)}) == "two-way"
+    assert ev.choose_score({"contrastive": m(0.7), "diffgap": m(0.6), "two-way": m(0.7)}) == "contrastive"
+    assert ev.choose_score({"contrastive": m(0.5), "diffgap": m(0.6), "blend-0.5": m(0.6)}) == "diffgap"
+    assert ev.choose_score({"contrastive": m(0.5), "diffgap": m(0.6), "two-way": m(0.7, lo=0.0)}) == "diffgap"
+    assert ev.choose_score({"contrastive": m(0.5), "diffgap": m(0.6, -0.1), "two-way": m(0.7, -0.01)}) == "contrastive"
+    assert ev.choose_score({"diffgap": m(0.6, None), "two-way": m(0.7, None)}) == "two-way"   # no contrastive: dims differ
 
 
 def test_bootstrap_interval_covers_the_mean_with_the_binomial_width():
     hits = (torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.3).float()
-    lo, hi = dg.bootstrap_interval(hits)
+    lo, hi = ev.bootstrap_interval(hits)
     assert lo < hits.mean().item() < hi
     assert 0.045 < hi - lo < 0.07                   # 2 x 1.96 sqrt(0.3 x 0.7 / 1000) = 0.057
-    assert dg.bootstrap_interval(torch.ones(50)) == (1.0, 1.0)
-    assert dg.bootstrap_interval(hits) == (lo, hi)  # seeded: the same interval every time
+    assert ev.bootstrap_interval(torch.ones(50)) == (1.0, 1.0)
+    assert ev.bootstrap_interval(hits) == (lo, hi)  # seeded: the same interval every time

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import diffgap as dg
+import diffgap_eval as ev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,9 @@ def test_embedding_scaling_round_trip_and_unit_variance():
 def test_adapters_when_dims_differ():
     model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=16, dim_b=24, hidden=32, inner=16, depth=1))
     assert len(model.net.x_in) == 2
-    loss = model.loss(torch.randn(5, 16), torch.randn(5, 24), 0) + model.loss(torch.randn(5, 24), torch.randn(5, 16), 1)
+    t = torch.randint(0, 1000, (5,))
+    loss = model.loss(torch.randn(5, 16), torch.randn(5, 24), 0, t, torch.randn(5, 16)) + \
+        model.loss(torch.randn(5, 24), torch.randn(5, 16), 1, t, torch.randn(5, 24))
     loss.backward()
     assert torch.isfinite(loss)
     shared = dg.DiffGAP(dg.DiffGAPConfig(dim_a=16, dim_b=16, hidden=32, inner=16, depth=1))
@@ -60,11 +63,11 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     for _ in dg.train_steps(model, torch.randn(16, 8), torch.randn(16, 8), opt, 3, 4):
         pass
     path = str(tmp_path / "ckpt.pt")
-    dg.save_checkpoint(path, model, optimizer=opt.state_dict(), step=3, data="synthetic",
+    ev.save_checkpoint(path, model, optimizer=opt.state_dict(), step=3, data="synthetic",
                        rng={"torch": torch.get_rng_state()})
     raw = torch.load(path, weights_only=True)
     assert raw["step"] == 3 and raw["config"]["objective"] == "x0"
-    loaded, ckpt = dg.load_checkpoint(path)
+    loaded, ckpt = ev.load_checkpoint(path)
     cond = torch.randn(4, 8)
     same = [m.sample(cond, 1, steps=5, generator=torch.Generator().manual_seed(0)) for m in (model, loaded)]
     assert torch.equal(same[0], same[1])
@@ -74,7 +77,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
 def test_bad_checkpoint_is_reported(tmp_path, damage):
     path = str(tmp_path / "ckpt.pt")
-    dg.save_checkpoint(path, dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, depth=1)))
+    ev.save_checkpoint(path, dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, depth=1)))
     if damage == "truncate":
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
@@ -84,7 +87,7 @@ def test_bad_checkpoint_is_reported(tmp_path, damage):
         os.remove(path)
     err = FileNotFoundError if damage == "missing" else ValueError
     with pytest.raises(err, match=r"ckpt\.pt"):
-        dg.load_checkpoint(path)
+        ev.load_checkpoint(path)
 
 
 def test_diffgap_py_works_alone(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffgap as dg
+import diffgap_eval as ev
 import sample
 import train
 
@@ -39,8 +40,8 @@ def test_resume_at_any_step_is_bit_identical(tmp_path, stop_at):
     run(first, opt1, a, b, stop_at, 0)
     torch.randn(1000)   # the global RNG state does not matter to training
     path = str(tmp_path / "ckpt.pt")
-    dg.save_checkpoint(path, first, optimizer=opt1.state_dict(), step=stop_at)
-    resumed, ckpt = dg.load_checkpoint(path)
+    ev.save_checkpoint(path, first, optimizer=opt1.state_dict(), step=stop_at)
+    resumed, ckpt = ev.load_checkpoint(path)
     opt2 = dg.make_optimizer(resumed)
     opt2.load_state_dict(ckpt["optimizer"])
     run(resumed, opt2, a, b, 20 - stop_at, ckpt["step"])
@@ -66,13 +67,13 @@ def test_an_epoch_is_a_permutation_of_whole_batches():
 
 def test_checkpoint_write_leaves_no_temp_file_and_keeps_the_old_one_on_failure(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    dg.atomic_write(path, lambda f: f.write(b"old"))
+    ev.atomic_write(path, lambda f: f.write(b"old"))
 
     def broken(f):
         f.write(b"half")
         raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
-        dg.atomic_write(path, broken)
+        ev.atomic_write(path, broken)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
@@ -89,7 +90,7 @@ def cli(main, argv, tmp_path, monkeypatch, capsys):
     """Run a command in tmp_path as the user would; returns (exit status, stderr)."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
-        train.run_cli(lambda: main(argv))
+        ev.run_cli(lambda: main(argv))
     return exit_.value.code, capsys.readouterr().err
 
 

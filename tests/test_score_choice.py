@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import diffgap as dg
+import diffgap_eval as ev
 import embed_cache
-from train import split_scores, split_translations
+from diffgap_eval import split_scores, split_translations
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "synthetic:n_train=256,n_val=20,n_test=40"
@@ -50,13 +51,13 @@ def test_auto_is_never_below_contrastive_on_validation(spec, steps, tmp_path):
     data = embed_cache.load(spec, "audio-video")
     model = trained_model(data, steps)
     ckpt = str(tmp_path / "ckpt.pt")
-    dg.save_checkpoint(ckpt, model)
+    ev.save_checkpoint(ckpt, model)
     val = data.splits["val"]
     tr = split_translations(model, val, "val", ckpt, num_samples=4, guidance=16.0, say=lambda *a: None)
     for d in (0, 1):
         results = split_scores(val, d, tr)
-        assert list(results) == dg.score_names()      # every candidate, contrastive first
-        chosen = dg.choose_score(results)
+        assert list(results) == ev.score_names()      # every candidate, contrastive first
+        chosen = ev.choose_score(results)
         assert results[chosen]["R@1"] >= results["contrastive"]["R@1"]
         # the best validation R@1 among contrastive and the scores whose gain is beyond noise
         beyond = [n for n, m in results.items() if n == "contrastive" or m["gain lo adjusted"] > 0]
@@ -71,7 +72,7 @@ def test_translations_are_rebuilt_when_the_checkpoint_or_file_changes(tmp_path):
     data = embed_cache.load(TINY, "audio-video")
     model = trained_model(data, 4)
     ckpt = str(tmp_path / "ckpt.pt")
-    dg.save_checkpoint(ckpt, model, step=4)
+    ev.save_checkpoint(ckpt, model, step=4)
     said = []
     build = lambda k=2: split_translations(model, data.splits["val"], "val", ckpt, num_samples=k, say=said.append)
     first = build()
@@ -80,7 +81,7 @@ def test_translations_are_rebuilt_when_the_checkpoint_or_file_changes(tmp_path):
     assert all(torch.equal(first[k], v) for k, v in build().items()) and "reused" in said[-1]
     build(3)
     assert "building" in said[-2]                                    # other settings: rebuilt
-    dg.save_checkpoint(ckpt, model, step=5)                          # other checkpoint bytes: rebuilt
+    ev.save_checkpoint(ckpt, model, step=5)                          # other checkpoint bytes: rebuilt
     build(3)
     assert "building" in said[-2]
     (tmp_path / "ckpt.val-translations.npz").write_bytes(b"not a zip")
@@ -92,7 +93,7 @@ def test_two_way_galleries_use_their_own_guidance(tmp_path):
     data = embed_cache.load(TINY, "audio-video")
     model = trained_model(data, 4)
     ckpt, val = str(tmp_path / "ckpt.pt"), data.splits["val"]
-    dg.save_checkpoint(ckpt, model)
+    ev.save_checkpoint(ckpt, model)
     said = []
     build = lambda gg: split_translations(model, val, "val", ckpt, num_samples=2, guidance=16.0, gallery_guidance=gg,
                                           say=said.append)
@@ -108,7 +109,7 @@ def test_two_way_galleries_use_their_own_guidance(tmp_path):
     tr = dict(tr, a2b_gallery=torch.randn(20, 512))
     q, gal, rel = val.retrieval(0)
     got = split_scores(val, 0, tr, ["diffgap", "two-way"])
-    want = dg.score_retrieval(q, gal, rel, tr["b2a"], tr["a2b_gallery"], ["diffgap", "two-way"])
+    want = ev.score_retrieval(q, gal, rel, tr["b2a"], tr["a2b_gallery"], ["diffgap", "two-way"])
     assert {k: got[k]["mAP@10"] for k in got} == {k: want[k]["mAP@10"] for k in want}
     assert got["two-way"]["mAP@10"] != split_scores(val, 0, {"b2a": tr["b2a"], "a2b": tr["a2b"]})["two-way"]["mAP@10"]
 
@@ -124,13 +125,13 @@ def test_export_gallery_with_query_vectors_reproduces_the_chosen_score(tmp_path)
     gallery = torch.from_numpy(np.load(tmp_path / "idx" / "b2a.gallery.npy"))
     assert gallery.shape == (40, 1024) and torch.allclose(gallery.norm(dim=1), torch.ones(40), atol=1e-5)
     assert (tmp_path / "idx" / "b2a.ids.txt").read_text().split() == [str(i) for i in range(40)]
-    model, _ = dg.load_checkpoint(str(tmp_path / info["checkpoint"]))
+    model, _ = ev.load_checkpoint(str(tmp_path / info["checkpoint"]))
     model.eval()
     data = embed_cache.load(info["data"], "audio-video")
     q, _, rel = data.splits["test"].retrieval(0)
     # the query side, as a user would compute it for new queries, with the export's settings
     g = torch.Generator().manual_seed(dg.derived_seed(info["seed"], "translate", 0))
-    qv = dg.query_vectors(model, q, 0, info["score"], info["num_samples"], steps=info["steps"],
+    qv = ev.query_vectors(model, q, 0, info["score"], info["num_samples"], steps=info["steps"],
                           guidance=info["guidance"], generator=g)
     hits = ((qv @ gallery.T).argmax(1) == rel).float().mean().item()
     assert hits * 100 == pytest.approx(table_r1, abs=0.05)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import diffgap as dg
+import diffgap_eval as ev
 from embed_cache import synthetic_dataset
 
 
@@ -32,8 +33,8 @@ def test_direction_sequence_continues_across_a_resume(tmp_path):
     opt = dg.make_optimizer(model)
     first = run(model, opt, 7, 0)
     path = str(tmp_path / "ckpt.pt")
-    dg.save_checkpoint(path, model, optimizer=opt.state_dict(), step=7)
-    resumed, ckpt = dg.load_checkpoint(path)
+    ev.save_checkpoint(path, model, optimizer=opt.state_dict(), step=7)
+    resumed, ckpt = ev.load_checkpoint(path)
     opt2 = dg.make_optimizer(resumed)
     opt2.load_state_dict(ckpt["optimizer"])
     assert first + run(resumed, opt2, 7, ckpt["step"]) == full
@@ -78,6 +79,6 @@ def test_short_real_run_learns_and_beats_contrastive():
     model.eval()
     q, g, rel = test.retrieval(0)
     g_hat = model.translate(q, 0, 16, steps=5, generator=torch.Generator().manual_seed(0))
-    res = dg.score_retrieval(q, g, rel, g_hat, scores=["contrastive", "diffgap"])
+    res = ev.score_retrieval(q, g, rel, g_hat, scores=["contrastive", "diffgap"])
     print(res)
     assert res["diffgap"]["R@1"] > res["contrastive"]["R@1"]

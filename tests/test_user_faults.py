@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import diffgap as dg
-from train import MEDR_LEGEND, retrieval_table, some_parameters_idle
+import diffgap_eval as ev
+from diffgap_eval import MEDR_LEGEND, retrieval_table
+from train import some_parameters_idle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +34,7 @@ def test_a_non_finite_row_is_named_by_every_metric_entry_point(side):
         "streamed, labels": (lambda: dg.retrieval_metrics_from_embeddings(q, g, torch.arange(6)), "query", "gallery"),
         "streamed, mask": (lambda: dg.retrieval_metrics_from_embeddings(q, g, torch.eye(6, dtype=torch.bool), chunk=4),
                            "query", "gallery"),
-        "score_retrieval": (lambda: dg.score_retrieval(q, g, torch.arange(6), torch.eye(6, 8), torch.eye(6, 8)),
+        "score_retrieval": (lambda: ev.score_retrieval(q, g, torch.arange(6), torch.eye(6, 8), torch.eye(6, 8)),
                             "query", "gallery"),
         "paired_cosine": (lambda: dg.paired_cosine(q, g, torch.arange(6)), "generated", "gallery"),
         "frechet_distance": (lambda: dg.frechet_distance(q, g), "first set", "second set"),
@@ -52,9 +54,9 @@ def test_non_finite_scores_and_translations_are_refused():
     bad = q.clone()
     bad[2, 0] = float("nan")
     with pytest.raises(ValueError, match=r"query translation row 2"):
-        dg.score_retrieval(q, q, torch.arange(4), bad, q)
+        ev.score_retrieval(q, q, torch.arange(4), bad, q)
     with pytest.raises(ValueError, match=r"gallery translation row 2"):
-        dg.score_retrieval(q, q, torch.arange(4), q, bad)
+        ev.score_retrieval(q, q, torch.arange(4), q, bad)
 
 
 # -- every metric of a query comes from one ordering ------------------------------------------
@@ -148,7 +150,8 @@ def test_half_precision_models_sample_with_every_step_count(dtype):
     ref = full.sample(cond, 0, steps=5, generator=torch.Generator().manual_seed(0))
     x = half.sample(cond.to(dtype), 0, steps=5, generator=torch.Generator().manual_seed(0))
     assert (x.float() - ref).abs().max() < (0.02 if dtype == torch.float16 else 0.1)
-    loss = half.loss(F.normalize(torch.randn(4, 16), dim=-1).to(dtype), cond[:4].to(dtype), 0)
+    loss = half.loss(F.normalize(torch.randn(4, 16), dim=-1).to(dtype), cond[:4].to(dtype), 0,
+                     torch.tensor([0, 1, 500, 999]), torch.randn(4, 16, dtype=dtype))
     assert torch.isfinite(loss)
 
 
@@ -180,14 +183,14 @@ def test_a_diverging_run_reports_the_step_and_keeps_the_last_good_checkpoint(tmp
     ckpt = tmp_path / "audio-video" / "ckpt.pt"
     saved = torch.load(ckpt, weights_only=True)
     assert f"left as saved at step {saved['step']}" in err
-    assert dg.non_finite(saved["model"]) == ""                      # the checkpoint on disk is a good one
-    model, _ = dg.load_checkpoint(str(ckpt))
+    assert ev.non_finite(saved["model"]) == ""                      # the checkpoint on disk is a good one
+    model, _ = ev.load_checkpoint(str(ckpt))
     assert not list(tmp_path.glob("audio-video/*translations*"))     # nothing computed from a diverged model
     # a checkpoint that holds non-finite weights is refused in one line, by every command
     saved["model"]["net.null_cond"][0] = float("nan")
     torch.save(saved, ckpt)
     with pytest.raises(ValueError, match=r"ckpt.pt: 1 of [\d,]+ values are not finite \(first: net.null_cond\)"):
-        dg.load_checkpoint(str(ckpt))
+        ev.load_checkpoint(str(ckpt))
     res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(ckpt)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "not finite" in res.stderr
@@ -205,7 +208,9 @@ def test_the_idle_parameter_rule_matches_real_gradients(p_uncond, dims, directio
     for direction in (0, 1):
         model.net.zero_grad(set_to_none=True)
         target, cond = (torch.randn(8, dims[direction]), torch.randn(8, dims[1 - direction]))
-        model.loss(target, cond, direction, generator=torch.Generator().manual_seed(direction)).backward()
+        drop = torch.rand(8) < p_uncond if p_uncond > 0 else None          # as train_steps draws it
+        model.loss(target, cond, direction, torch.randint(0, 1000, (8,)), torch.randn(8, dims[direction]),
+                   drop).backward()
         idle |= any(p.grad is None for p in model.net.parameters())
     assert some_parameters_idle(cfg) == idle
 
@@ -238,13 +243,13 @@ def noisy_split(n=100, d=16, seed=0):
 
 def test_a_score_chosen_on_noise_keeps_contrastive():
     q, gallery, rel, g_hat_q, q_hat_g = noisy_split()
-    results = dg.score_retrieval(q, gallery, rel, g_hat_q, q_hat_g)
+    results = ev.score_retrieval(q, gallery, rel, g_hat_q, q_hat_g)
     noise_winner = max(results, key=lambda name: results[name]["R@1"])
     assert noise_winner != "contrastive" and results[noise_winner]["gain"] > 0      # the old rule's pick
-    assert dg.choose_score(results) == "contrastive"
-    assert "no learned score's validation gain is beyond noise" in dg.choice_reason(results, "contrastive")
+    assert ev.choose_score(results) == "contrastive"
+    assert "no learned score's validation gain is beyond noise" in ev.choice_reason(results, "contrastive")
     # a real gain is kept: the translations carry the answer
-    results = dg.score_retrieval(q, gallery, rel, gallery + 0.3 * torch.randn(gallery.shape), q_hat_g)
-    chosen = dg.choose_score(results)
+    results = ev.score_retrieval(q, gallery, rel, gallery + 0.3 * torch.randn(gallery.shape), q_hat_g)
+    chosen = ev.choose_score(results)
     assert chosen != "contrastive" and results[chosen]["gain lo adjusted"] > 0
-    assert "beyond noise" in dg.choice_reason(results, chosen)
+    assert "beyond noise" in ev.choice_reason(results, chosen)
