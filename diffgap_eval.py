@@ -339,8 +339,14 @@ def export_gallery(folder: str, split, direction: int, score: str, translations:
     path = os.path.join(folder, "index.json")
     entries = {}
     if os.path.exists(path):   # the other direction's entry, from this or an earlier export
-        with open(path) as f:
-            entries = json.load(f)
+        try:
+            with open(path) as f:
+                entries = json.load(f)
+        except ValueError:   # not JSON, or not text
+            entries = None
+        if not isinstance(entries, dict):
+            raise ValueError(f"{path}: not an index.json written by --export-gallery; move it away or export to "
+                             f"another folder")
     entries[name] = dict(info, score=score, direction=direction, rows=len(gal),
                          query=f"diffgap.query_vectors(model, queries, {direction}, {score!r}, "
                                f"num_samples={info['num_samples']}, steps={info['steps']}, guidance={info['guidance']:g})")

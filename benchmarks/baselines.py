@@ -4,12 +4,12 @@
            regularisation chosen on the validation split; then cosine to the gallery.
     mlp    a deterministic regressor with the denoiser's parameter budget, trained with the
            same optimiser, steps, batches and direction switching as DiffGAP; then cosine.
-    plugin the Gaussian likelihood plug-in (DESIGN 4): the joint mean and covariance of the
+    plugin the Gaussian likelihood plug-in: the joint mean and covariance of the
            (query, gallery) pairs, shrunk toward a scaled identity (strength chosen on the
            validation split), ranking by log N(q; E[q | g], Cov(q | g)). On Gaussian-like data
            this is the strongest closed-form rule.
 
-Both predict in DiffGAP's own coordinates (centred, unit variance per coordinate; DESIGN 3.3)
+Both predict in DiffGAP's own coordinates (centred, unit variance per coordinate, as diffgap.DiffGAP.to_diffusion)
 so that the three models see the same inputs and their outputs are compared the same way.
 benchmarks/paper_tables.py uses them; tests/test_baselines.py checks them.
 """

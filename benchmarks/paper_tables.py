@@ -153,7 +153,7 @@ def run_job(job: Job) -> list[tuple]:
                 out += metric_records("retrieval", f"{row}|{method}", score(x))
             plugin, _ = fit_plugin(data.splits["train"], data.splits["val"], d)
             out += metric_records("retrieval", f"{row}|plug-in", dg.retrieval_metrics(plugin.scores(q, g), rel))
-            # two-way: the gallery translated the other way too (K samples each, DESIGN 4)
+            # two-way: the gallery translated the other way too (K samples each)
             q_hat = sample_k(model, g, 1 - d, job.num_samples, job.seed + 1, steps=5)[0].mean(0)
             out += metric_records("retrieval", f"{row}|diffgap two-way",
                                   ev.score_retrieval(q, g, rel, g_hat, q_hat, scores=["two-way"])["two-way"])

@@ -1,4 +1,4 @@
-"""Every method on three synthetic regimes: where DiffGAP helps, and where it should not (DESIGN 4).
+"""Every method on three synthetic regimes: where DiffGAP helps, and where it should not.
 
     python benchmarks/regimes.py                  # 3 regimes x 2 pairs, seed 0 (~25 min on 2 cores)
     python benchmarks/regimes.py --quick          # tiny data and runs (~1 min): checks the plumbing

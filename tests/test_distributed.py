@@ -1,4 +1,4 @@
-"""More than one process (DESIGN 8): torchrun training equals one process; sharded extraction merges."""
+"""More than one process: torchrun training equals one process; sharded extraction merges."""
 import os
 import shutil
 import signal

@@ -30,7 +30,7 @@ def test_embedding_scaling_round_trip_and_unit_variance():
     assert x.var(0).mean().item() == pytest.approx(1.0, rel=0.02)
     assert x.mean(0).abs().max().item() < 0.05
     assert torch.allclose(model.from_diffusion(x, 0), e, atol=1e-5)
-    # without centring it is the plain sqrt(D) scaling of DESIGN 3.3
+    # without centring it is the plain sqrt(D) scaling
     plain = dg.DiffGAP(dg.DiffGAPConfig(dim_a=32, dim_b=32, center=False))
     plain.fit_stats(e, e)
     assert torch.allclose(plain.to_diffusion(e, 0), e * 32 ** 0.5, atol=1e-5)

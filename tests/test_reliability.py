@@ -1,4 +1,4 @@
-"""What survives a crash (DESIGN 7): exact resume, durable writes, and every bad option refused."""
+"""What survives a crash: exact resume, durable writes, and every bad option refused."""
 import os
 import subprocess
 import sys
