@@ -104,11 +104,20 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     """(format name, options) from a spec string, a JSON spec file, or a path shortcut."""
     if spec.endswith(".json") and os.path.isfile(spec):
         try:
-            with open(spec) as f:
+            with open(spec, encoding="utf-8") as f:
                 obj = json.load(f)
-            return obj.pop("format"), {k: str(v) for k, v in obj.items()}
-        except (ValueError, KeyError, AttributeError) as e:
+        except (OSError, ValueError) as e:   # ValueError: bad JSON, bytes that are not UTF-8
             raise DataError(f"{spec}: not a JSON data spec {{\"format\": ..., ...}} ({type(e).__name__})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("format"), str) or obj["format"] not in LOADERS:
+            found = f"format {obj['format']!r}" if isinstance(obj, dict) and "format" in obj else (
+                "no \"format\" key" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}")
+            raise DataError(f"{spec}: a JSON data spec is an object {{\"format\": one of {', '.join(LOADERS)}, "
+                            f"\"key\": value, ...}}; found {found}")
+        nested = [k for k, v in obj.items() if isinstance(v, (dict, list))]
+        if nested:
+            raise DataError(f"{spec}: key {nested[0]!r} holds a {type(obj[nested[0]]).__name__}; values are strings or numbers")
+        name = obj.pop("format")
+        return name, {str(k): str(v) for k, v in obj.items()}
     name, sep, rest = spec.partition(":")
     if sep and name in LOADERS:
         opts = {}
@@ -131,6 +140,8 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 def load(spec: str, pair: str) -> Dataset:
     """Load and validate a dataset from a spec; raises DataError with a one-line message."""
+    if not isinstance(spec, str):   # e.g. the "data" entry of a damaged checkpoint
+        raise DataError(f"data spec {spec!r}: not a string")
     name, opts = parse_spec(spec)
     check_options(name, opts, spec)
     ds = LOADERS[name](opts, pair, spec)

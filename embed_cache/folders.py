@@ -7,7 +7,9 @@
         each root holds {Train,Test}/<id>.npz with key `feat` (L, 512), per-frame unit norm,
         4 frames per second. Split lists Train.txt / Test.txt (in lists=, default the video
         root) name the ids of each split; without them the folder decides. Test is the test
-        split; val is carved out of Train by a stable hash of the id (val=0.1).
+        split; val is carved out of Train by a stable hash of the id (val=0.1). A clip is in
+        one split and read from that split's files: an id in both lists, with files under
+        both Train/ and Test/, or with audio and video in different parts is refused.
 
 DiffGAP works on one vector per clip, so temporal features (L, D) are pooled:
     pool=mean        mean over frames (default), then L2-normalised on load
@@ -21,7 +23,7 @@ import os
 
 import numpy as np
 
-from .arrays import Source, assemble, opt_float, read_array, read_ids, split_of
+from .arrays import Source, assemble, opt_flag, opt_float, read_array, read_ids
 from .base import DataError, Dataset
 
 
@@ -46,15 +48,21 @@ def pool(x: np.ndarray, how: str, fps: int, where: str) -> np.ndarray:
 
 
 def read_folder(folder: str, opts: dict, only: set | None = None) -> dict[str, np.ndarray]:
-    """{id: pooled vector} for the .npy / .npz files of a folder (ids restricted to `only`)."""
+    """{id: pooled vector} for the .npy / .npz files of a folder (ids restricted to `only`).
+
+    An id with two files (id.npy and id.npz) is refused: which one is the clip is not ours to guess.
+    """
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
     key, how, fps = opts.get("key", "feat"), opts.get("pool", "mean"), int(opt_float(opts, "fps", 4))
-    out, dim = {}, None
+    out, dim, seen = {}, None, {}
     for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)
         if ext not in (".npy", ".npz") or (only is not None and stem not in only):
             continue
+        if stem in seen:
+            raise DataError(f"{folder}: id {stem!r} has two files ({seen[stem]}, {name}); keep one")
+        seen[stem] = name
         path = os.path.join(folder, name)
         x = read_array(path, key if ext == ".npz" else None)
         if x.dtype.kind != "f":
@@ -81,22 +89,47 @@ def load_dirs(opts: dict, pair: str, spec: str) -> Dataset:
 
 
 def load_cavp(opts: dict, pair: str, spec: str) -> Dataset:
+    """Test/ is the test split; val is carved out of Train/ by the id's hash.
+
+    A clip belongs to one split and its features come from that split's files: an id in both
+    Train.txt and Test.txt, with files under both Train/ and Test/, or with its audio in one
+    part and its video in the other is refused, naming it.
+    """
     if pair != "audio-video":
         raise DataError(f"{spec}: CAVP features are audio-video; use --pair audio-video")
     if "video" not in opts or "audio" not in opts:
         raise DataError(f"{spec}: give video=ROOT,audio=ROOT (each with Train/ and Test/ folders)")
     lists = opts.get("lists", opts["video"])
-    val = opt_float(opts, "val", 0.1)
-    clips, split = {"audio": {}, "video": {}}, {}
+    listed = {}
     for part in ("Train", "Test"):
-        listed = os.path.join(lists, f"{part}.txt")
-        only = set(read_ids(listed)[0]) if os.path.isfile(listed) else None
+        path = os.path.join(lists, f"{part}.txt")
+        listed[part] = set(read_ids(path)[0]) if os.path.isfile(path) else None
+    if listed["Train"] is not None and listed["Test"] is not None and listed["Train"] & listed["Test"]:
+        both = sorted(listed["Train"] & listed["Test"])
+        raise DataError(f"{os.path.join(lists, 'Train.txt')} and Test.txt both list {len(both)} ids (e.g. "
+                        f"{', '.join(map(repr, both[:3]))}); a clip belongs to one split: remove them from one list")
+    clips, part_of = {"audio": {}, "video": {}}, {"audio": {}, "video": {}}
+    for part in ("Train", "Test"):
         for modality in clips:
             folder = os.path.join(opts[modality], part)
-            if os.path.isdir(folder):
-                clips[modality].update(read_folder(folder, opts, only))
-        new = sorted((set(clips["audio"]) | set(clips["video"])) - set(split))   # first part seen wins
-        for i, s in zip(new, split_of(new, val, 0.0)):
-            split[i] = "test" if part == "Test" else ("train", "val")[int(s)]
+            if not os.path.isdir(folder):
+                continue
+            for clip_id, vector in read_folder(folder, opts, listed[part]).items():
+                if clip_id in clips[modality]:
+                    raise DataError(f"{opts[modality]}: clip {clip_id!r} has files in both Train/ and Test/; "
+                                    f"a clip belongs to one split: keep one")
+                clips[modality][clip_id], part_of[modality][clip_id] = vector, part
+    for part, ids in listed.items():   # a listed id with no file: a truncated or mistyped list, or a missing file
+        absent = sorted((ids or set()) - set(part_of["audio"]) - set(part_of["video"]))
+        if absent and not opt_flag(opts, "drop_unpaired"):
+            raise DataError(f"{os.path.join(lists, part + '.txt')}: {len(absent)} listed ids have no feature file under "
+                            f"{part}/ (e.g. {', '.join(map(repr, absent[:3]))}); pass drop_unpaired=1 to skip them")
+    for clip_id, part in part_of["audio"].items():
+        other = part_of["video"].get(clip_id, part)
+        if other != part:
+            raise DataError(f"clip {clip_id!r}: audio under {os.path.join(opts['audio'], part)}, video under "
+                            f"{os.path.join(opts['video'], other)}; a clip's features come from one split's files")
+    split = {i: ("test" if p == "Test" else None) for m in part_of.values() for i, p in m.items()}   # None: by hash
+    opts = {**opts, "test": "0"}   # the hash carves only val (out of Train)
     return assemble(pair, spec, source(opts["audio"], clips["audio"], split),
                     source(opts["video"], clips["video"], split), opts)

@@ -352,10 +352,11 @@ def test_drop_options_remove_exactly_the_named_rows(tmp_path):
 
 def test_checkpoint_dims_must_match_the_data(tmp_path):
     import diffgap as dg
+    import diffgap_eval as ev
     import sample
     ckpt = tmp_path / "ckpt.pt"
     model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=D, dim_b=D, hidden=16, inner=8, time_dim=8))
-    dg.save_checkpoint(str(ckpt), model, step=0, pair="audio-video", data="synthetic")
+    ev.save_checkpoint(str(ckpt), model, step=0, pair="audio-video", data="synthetic")
     np.save(tmp_path / "a.npy", rand(100, 6)), np.save(tmp_path / "b.npy", rand(100, 6, seed=1))
     with pytest.raises(ValueError, match=r"a\.npy,.*b\.npy: dims 6/6 do not match the checkpoint's 8/8"):
         sample.main(["--ckpt", str(ckpt), "--data", f"{tmp_path}/a.npy,{tmp_path}/b.npy"])
