@@ -1,7 +1,7 @@
 """What the GPU compiler gives each kernel, and a predicted H100 roofline. No GPU needed.
 
     python benchmarks/kernel_report.py              # markdown tables to stdout (~40 s on 2 cores)
-    python benchmarks/kernel_report.py --allow-tf32 # as if torch.backends.cuda.matmul.allow_tf32 = True
+    python benchmarks/kernel_report.py --allow-tf32 # as if torch.backends.fp32_precision = "tf32"
 
 Every kernel is compiled for sm_80 (A100) and sm_90 (H100) at the configs its launcher picks
 (kernels/aot.py), in fp32, fp16 and bf16. The first table is read from the cubins with the
@@ -10,29 +10,22 @@ memory), shared memory per block, tensor-core instructions (HMMA / HGMMA) in the
 occupancy those allow. These are COMPILED, NOT RUN figures.
 
 The second table is a PREDICTED roofline for an H100 SXM from first principles (bytes moved,
-FLOPs, the CUDA-core work of the running top-k), with the published peak rates below. It is a
-lower bound on time, not a measurement: no GPU has run these kernels for this project yet.
+FLOPs, the CUDA-core work of the running top-k; kernels/roofline.py), with the published peak
+rates there. It is a lower bound on time, not a measurement: benchmarks/gpu_check.py divides
+times measured on a GPU by it.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels  # noqa: E402  (sets TRITON_INTERPRET before triton is used on a CPU machine)
-from kernels import aot  # noqa: E402
+from kernels import aot, roofline  # noqa: E402
 
-# H100 SXM5 published peaks (dense): what the prediction divides by.
-H100 = dict(hbm=3.35e12,            # bytes/s
-            tc_fp16=989e12,         # FLOP/s, fp16/bf16 tensor cores
-            tc_tf32=494e12,         # FLOP/s, tf32 tensor cores
-            fp32=67e12,             # FLOP/s, fp32 FMA on CUDA cores (an FMA counts 2)
-            ops=33.5e12,            # simple fp32/int32 instructions per second (128 lanes x 132 SMs x 1.98 GHz)
-            launch=3e-6)            # seconds: a kernel launch on a busy stream (an assumption, not a spec)
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+H100 = roofline.H100
 
 
 def resource_table(rows) -> str:
@@ -47,33 +40,19 @@ def resource_table(rows) -> str:
 
 
 def topk_prediction(dtype: str, rows, tf32: bool, M=1000, N=200_000, D=512, k=10) -> list[str]:
-    """Roofline terms of one exact top-k over the gallery; the largest is the predicted bound."""
-    s = BYTES[dtype]
+    """Roofline terms of one exact top-k over the gallery (kernels/roofline.py); the largest is the predicted bound."""
     row = next(r for r in rows if r["kernel"] == "cosine_topk" and r["dtype"] == dtype and r["arch"] == 90)
-    bm = int(row["constexprs"]["BLOCK_M"])
-    flops = 2 * M * N * D
-    peak = H100["tc_fp16"] if dtype != "float32" else (H100["tc_tf32"] if tf32 else H100["fp32"])
-    t_dot = flops / peak
-    t_select = 6 * k * M * N / H100["ops"]      # k passes of ~6 instructions per score (max, ==, min, where...)
-    once = N * D * s                            # the gallery read once (the L2 serves the other row blocks)
-    t_once = once / H100["hbm"]
-    t_every = math.ceil(M / bm) * once / H100["hbm"]   # ... or once per row block, if the L2 does not
-    bound = max(t_dot, t_select, t_once)
-    return [f"| top-k {M:,} x {N:,} x {D}, k={k} | {dtype} | {flops / 1e9:.0f} GFLOP: {t_dot * 1e3:.2f} ms | "
-            f"{t_select * 1e3:.2f} ms | {once / 1e6:.0f} MB once: {t_once * 1e3:.2f} ms "
-            f"({math.ceil(M / bm)}x without L2 reuse: {t_every * 1e3:.2f} ms) | {bound * 1e3:.2f} ms |"]
+    t = roofline.topk_terms(dtype, M, N, D, k, int(row["constexprs"]["BLOCK_M"]), tf32)
+    return [f"| top-k {M:,} x {N:,} x {D}, k={k} | {dtype} | {t['flops'] / 1e9:.0f} GFLOP: {t['dot'] * 1e3:.2f} ms | "
+            f"{t['select'] * 1e3:.2f} ms | {t['gallery_bytes'] / 1e6:.0f} MB once: {t['once'] * 1e3:.2f} ms "
+            f"({t['row_blocks']}x without L2 reuse: {t['every'] * 1e3:.2f} ms) | {t['bound'] * 1e3:.2f} ms |"]
 
 
 def fused_prediction(dtype: str, B: int, K=512, N=224) -> list[str]:
-    s = BYTES[dtype]
-    flops = 2 * B * K * N
-    fused = (B * K + N * K + N + 2 * B * N + 2 * B * N) * s        # x, W, b, temb; y and z out
-    unfused = (B * K + N * K + N + B * N) * s + (3 * B * N) * s + (2 * B * N) * s  # addmm; + temb; silu
-    peak = H100["tc_fp16"] if dtype != "float32" else H100["fp32"]
-    t = max(flops / peak, fused / H100["hbm"])
-    return [f"| fused step, batch {B}, {K} -> {N} | {dtype} | {flops / 1e6:.1f} MFLOP: {flops / peak * 1e6:.2f} us | "
-            f"- | {fused / 1e6:.2f} MB fused vs {unfused / 1e6:.2f} MB unfused: {fused / H100['hbm'] * 1e6:.2f} us | "
-            f"{t * 1e6:.2f} us + 1 launch ({H100['launch'] * 1e6:.0f} us) vs 3 launches |"]
+    t = roofline.fused_terms(dtype, B, K, N)
+    return [f"| fused step, batch {B}, {K} -> {N} | {dtype} | {t['flops'] / 1e6:.1f} MFLOP: {t['dot'] * 1e6:.2f} us | "
+            f"- | {t['fused_bytes'] / 1e6:.2f} MB fused vs {t['unfused_bytes'] / 1e6:.2f} MB unfused: "
+            f"{t['memory'] * 1e6:.2f} us | {t['bound'] * 1e6:.2f} us + 1 launch ({H100['launch'] * 1e6:.0f} us) vs 3 launches |"]
 
 
 def main() -> None:

@@ -212,13 +212,29 @@ def compile_all(archs=ARCHS, dtypes=DTYPES, allow_tf32: bool = False) -> list[di
     return json.loads(res.stdout)
 
 
+def set_fp32_matmul_precision(precision: str) -> None:
+    """Set torch's fp32 matmul precision for CUDA ("ieee" or "tf32") with one API, never both.
+
+    torch >= 2.9 documents torch.backends.cuda.matmul.fp32_precision; mixing it with the legacy
+    allow_tf32 flag makes torch's legacy getters raise, so the legacy flag is set only where the
+    new attribute does not exist (torch < 2.9). This process is a child of compile_all, so the
+    setting touches no caller's state.
+    """
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = precision
+    else:
+        matmul.allow_tf32 = precision == "tf32"
+
+
 def _main() -> None:
     p = argparse.ArgumentParser(description="Compile every kernel case for CUDA targets; print JSON rows.")
     p.add_argument("--archs", type=int, nargs="+", default=list(ARCHS))
     p.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
-    p.add_argument("--allow-tf32", action="store_true", help="as if torch.backends.cuda.matmul.allow_tf32 = True")
+    p.add_argument("--allow-tf32", action="store_true",
+                   help='as if torch allowed TF32 for fp32 matmuls (torch.backends.fp32_precision = "tf32")')
     args = p.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+    set_fp32_matmul_precision("tf32" if args.allow_tf32 else "ieee")
     rows = [row(case, arch, compile_case(case, arch))
             for case in cases(tuple(getattr(torch, d) for d in args.dtypes)) for arch in args.archs]
     json.dump(rows, sys.stdout)

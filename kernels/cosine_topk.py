@@ -16,6 +16,10 @@ cosine 0 with everything (not NaN). Two implementations with the same contract:
 
 Memory: the full score matrix of a 1,000 x 1,000,000 problem is 4 GB in fp32; both paths keep
 O(M * (chunk + k)) instead.
+
+cosine_topk runs the first-use check (kernels/first_use.py, self_test below) before the Triton
+path's first result for a dtype and device in a process, and takes the chunked torch path for
+the rest of the process if the kernel fails it or a launch raises.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, fp32_dot_precision
+from . import INTERPRET, first_use, fp32_dot_precision
+
+NAME = "cosine_topk"
 
 
 def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
@@ -185,17 +191,69 @@ def cosine_topk_triton(queries: torch.Tensor, gallery: torch.Tensor, k: int, sli
     return _merge(out_v.reshape(M, -1), out_i.reshape(M, -1).long(), k)
 
 
-def cosine_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, backend: str = "auto"):
+def cosine_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, backend: str = "auto", strict: bool = False):
     """Top-k cosine matches of each query in the gallery: values (M, k) fp32, indices (M, k) int64.
 
-    backend "auto" uses Triton for CUDA tensors and the chunked torch path otherwise.
+    queries (M, D), gallery (N, D); k is capped at N. backend "auto" uses Triton for CUDA
+    tensors and the chunked torch path otherwise; "triton" and "torch" force one. The Triton
+    path's first call for a (dtype, device) in a process runs the first-use check (module
+    docstring); if the kernel fails it, or a launch raises, the torch path answers for the rest
+    of the process after one KernelFallbackWarning, or kernels.KernelCheckError is raised when
+    strict (diffgap passes strict=True for KERNELS = "triton"). k above K_MAX always takes the
+    torch path. ValueError: shapes that do not fit, k < 1, an unknown backend.
     """
     if queries.dim() != 2 or gallery.dim() != 2 or queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"cosine_topk: queries {tuple(queries.shape)} and gallery {tuple(gallery.shape)} do not fit")
     if k < 1:
         raise ValueError(f"cosine_topk: k must be at least 1, got {k}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"cosine_topk: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and queries.is_cuda)
-    return cosine_topk_triton(queries, gallery, k) if use_triton else cosine_topk_torch(queries, gallery, k)
+    if use_triton and min(k, gallery.shape[0]) <= K_MAX and first_use.usable(NAME, queries, strict, self_test):
+        try:
+            return cosine_topk_triton(queries, gallery, k)
+        except Exception as e:  # noqa: BLE001 - a compile or launch error at these shapes: warn once (or raise)
+            first_use.failed(NAME, queries, e, strict)
+    return cosine_topk_torch(queries, gallery, k)
+
+
+def check_input(M: int = 48, N: int = 320, D: int = 160, seed: int = 4321):
+    """A top-k input whose scores are exact in every dtype, with many exact ties.
+
+    Entries are -1, 0 or 1, so fp16, bf16 and TF32 hold them exactly and every dot product is
+    an exact small integer; every gallery row has 16 non-zeros (norm 4), so a query's cosines
+    are its dot products times one constant: equal dots tie exactly (the kernel must return the
+    lower index) and different ones differ by at least 1 / (4 |q|) > 0.01. Query 0 and gallery
+    row N - 1 are zero (cosine 0, not NaN). The default shape has several row blocks and
+    gallery slices at every config (GPU 16 or 32 query rows and 64 gallery rows per tile,
+    interpreter 32 and 128) and several D tiles.
+    """
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-1, 2, (M, D), generator=g).float()
+    gal = torch.zeros(N, D)
+    cols = torch.rand(N, D, generator=g).argsort(dim=1)[:, :16]
+    gal.scatter_(1, cols, (torch.randint(0, 2, (N, 16), generator=g) * 2 - 1).float())
+    q[0] = 0
+    gal[N - 1] = 0
+    return q, gal
+
+
+def self_test(dtype: torch.dtype, device: torch.device, k: int = 10) -> dict:
+    """The first-use check of top-k: the kernel against a float64 full-matrix sort on check_input().
+
+    k = 10 is what evaluation asks. Returns {"values": (max abs error, 1e-5), "indices":
+    (indices that differ, 0)}: the inputs are exact, so every index must match, ties included.
+    Raises what a launch raises.
+    """
+    q, gal = check_input()
+    qd, gd = q.to(device=device, dtype=dtype), gal.to(device=device, dtype=dtype)
+    v, i = cosine_topk_triton(qd, gd, k)
+    q64, g64 = qd.double(), gd.double()
+    inv = lambda x: torch.where(x.norm(dim=1) > 0, 1 / x.norm(dim=1).clamp(min=1e-300), torch.zeros(()).double().to(x.device))
+    s = (q64 @ g64.T) * inv(q64)[:, None] * inv(g64)[None, :]
+    v_ref, i_ref = _merge(s, torch.arange(s.shape[1], device=s.device).expand_as(s), k)
+    wrong = float((i.long() != i_ref).sum().item()) if i.shape == i_ref.shape else float("nan")
+    return {"values": first_use.max_error(v, v_ref, 1e-5, scale=False), "indices": (wrong, 0.0)}
 
 
 def cosine_topk_reference(queries: torch.Tensor, gallery: torch.Tensor, k: int):

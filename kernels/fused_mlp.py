@@ -13,6 +13,10 @@ Backward: one kernel computes dz = dy * silu'(z) and, per block of rows, the col
 dz (written to a (row_blocks, N) buffer and summed by torch afterwards: deterministic, no
 float atomics); those sums are db, and dtemb when temb was broadcast. dW = dz^T x and
 dx = dz W are left to torch's matmuls, which are already as fast as it gets.
+
+fused_linear_temb_silu runs the first-use check (kernels/first_use.py, self_test below) the
+first time it meets a dtype and device in a process, and takes the torch path (reference) for
+the rest of the process if the kernel fails it or a launch raises.
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, fp32_dot_precision
+from . import INTERPRET, first_use, fp32_dot_precision
+
+NAME = "fused_linear_temb_silu"
 
 
 @triton.jit
@@ -123,38 +129,117 @@ def fused_backward_dz(dy, z):
     return dz, part.sum(0)
 
 
+def _dz_torch(dy, z):
+    """fused_backward_dz in torch: the fallback when the backward kernel fails to launch."""
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    zf = z.to(acc)
+    s = torch.sigmoid(zf)
+    dz = dy.to(acc) * s * (1 + zf * (1 - s))
+    return dz.to(z.dtype), dz.sum(0)
+
+
 class FusedLinearTembSiLU(torch.autograd.Function):
+    """The kernels as an autograd op. strict: what a failing backward launch does: False warns
+    once and computes dz in torch, True raises KernelCheckError, None re-raises the error (the
+    first-use check, which records it)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, temb):
+    def forward(ctx, x, weight, bias, temb, strict=False):
         needs_grad = any(ctx.needs_input_grad)
         y, z = fused_forward(x, weight, bias, temb, store_z=needs_grad)
         if needs_grad:
             ctx.save_for_backward(x, weight, z)
             ctx.temb_rows = temb.dim() == 2
+            ctx.strict = strict
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, z = ctx.saved_tensors
-        dz, col_sum = fused_backward_dz(dy, z)
+        try:
+            dz, col_sum = fused_backward_dz(dy, z)
+        except Exception as e:  # noqa: BLE001 - a launch error: warn once (or raise if strict), then torch
+            if ctx.strict is None:   # the first-use check itself: the error is its finding
+                raise
+            first_use.failed(NAME, z, e, ctx.strict)
+            dz, col_sum = _dz_torch(dy, z)
         dx = dz @ weight if ctx.needs_input_grad[0] else None                 # (M, K)
         dw = dz.t() @ x if ctx.needs_input_grad[1] else None                  # (N, K)
         db = col_sum.to(weight.dtype) if ctx.needs_input_grad[2] else None
         dt = None
         if ctx.needs_input_grad[3]:
             dt = dz if ctx.temb_rows else col_sum.to(weight.dtype)
-        return dx, dw, db, dt
+        return dx, dw, db, dt, None
 
 
-def fused_linear_temb_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-    """silu(x @ weight^T + bias + temb) in one Triton kernel; x (B, K), weight (N, K), temb (B, N) or (N,)."""
+def fused_linear_temb_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, temb: torch.Tensor,
+                           strict: bool = False) -> torch.Tensor:
+    """silu(x @ weight^T + bias + temb) in one Triton kernel; x (B, K), weight (N, K), bias (N,),
+    temb (B, N) or (N,) -> (B, N) in x's dtype; differentiable in all four.
+
+    The first call for a (dtype, device) in a process runs the first-use check (module
+    docstring); if the kernel fails it, or a launch raises, this returns reference(...) (the
+    torch path) for the rest of the process after one KernelFallbackWarning, or raises
+    kernels.KernelCheckError when strict (diffgap passes strict=True for KERNELS = "triton").
+    ValueError: shapes that do not fit.
+    """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"fused step: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
     if temb.shape not in ((weight.shape[0],), (x.shape[0], weight.shape[0])):
         raise ValueError(f"fused step: temb {tuple(temb.shape)} must be ({weight.shape[0]},) or {(x.shape[0], weight.shape[0])}")
-    return FusedLinearTembSiLU.apply(x, weight, bias, temb)
+    if not first_use.usable(NAME, x, strict, self_test):
+        return reference(x, weight, bias, temb)
+    try:
+        return FusedLinearTembSiLU.apply(x, weight, bias, temb, strict)
+    except Exception as e:  # noqa: BLE001 - a compile or launch error at these shapes: warn once (or raise)
+        first_use.failed(NAME, x, e, strict)
+        return reference(x, weight, bias, temb)
 
 
 def reference(x, weight, bias, temb):
-    """The plain torch expression every kernel result is compared against."""
+    """The plain torch expression every kernel result is compared against (and the fallback)."""
     return torch.nn.functional.silu(torch.nn.functional.linear(x, weight, bias) + temb)
+
+
+# The check's input: several row, column and K tiles at both the GPU and the interpreter configs
+# (GPU 64x64x32, interpreter 64x128x128), and multiples of 16 like the default hidden step
+# (64 x 512 -> 224), so that Triton specialises the launch as it does for the real call and the
+# check compiles nothing the real call would not.
+CHECK_SHAPE = (80, 160, 144)   # M, K, N
+
+
+def self_test(dtype: torch.dtype, device: torch.device) -> dict:
+    """The first-use check of the fused step: kernel against reference() in float64 on a fixed input.
+
+    Per-row temb with gradients (y, dx, dW, db, dtemb through both kernels), broadcast temb with
+    gradients (y, dtemb: the column-sum path) and per-row temb without gradients (the sampling
+    launch, which stores no z). Returns {tensor: (max abs error, tolerance)}; raises what a
+    launch raises. Uses its own generator: no RNG state changes.
+    """
+    M, K, N = CHECK_SHAPE
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    b = torch.randn(N, generator=g)
+    t_rows, t_one = torch.randn(M, N, generator=g), torch.randn(N, generator=g)
+    dy = torch.randn(M, N, generator=g)
+    tol = first_use.tolerance(dtype)
+    cast = lambda a: a.to(device=device, dtype=dtype)
+    errors = {}
+    for label, temb in (("", t_rows), ("broadcast temb: ", t_one)):
+        ins = [cast(a).requires_grad_() for a in (x, w, b, temb)]
+        y = FusedLinearTembSiLU.apply(*ins, None)
+        y.backward(cast(dy))
+        ref = [a.detach().double().requires_grad_() for a in ins]
+        y_ref = reference(*ref)
+        y_ref.backward(cast(dy).double())
+        errors[label + "y"] = first_use.max_error(y, y_ref, tol)
+        names = ("dx", "dW", "db", "dtemb") if not label else ("dtemb",)
+        for name in names:
+            i = ("dx", "dW", "db", "dtemb").index(name)
+            errors[label + name] = first_use.max_error(ins[i].grad, ref[i].grad, tol)
+    with torch.no_grad():
+        ins = [cast(a) for a in (x, w, b, t_rows)]
+        errors["y without grad"] = first_use.max_error(FusedLinearTembSiLU.apply(*ins, None),
+                                                       reference(*(a.double() for a in ins)), tol)
+    return errors

@@ -1,10 +1,20 @@
-"""Triton kernels against their torch references (on the CPU: under Triton's interpreter).
+"""Triton kernels against their torch references: on CUDA tensors when a GPU is present
+(benchmarks/gpu_check.py runs this file there), otherwise on the CPU under Triton's interpreter.
 
-Tolerances: fp32 1e-5 (the kernel accumulates in fp32 like torch); fp16 2e-2 absolute on
-values of order 1 (one fp16 rounding of the output and of dz, then torch's fp16 matmuls);
-bf16 6e-2 (8-bit mantissa; the interpreter also truncates fp32->bf16 instead of rounding).
+Tolerances (kernels/first_use.py checks each kernel's first use at the same ones): fp32 1e-5
+(the kernel accumulates in fp32 like torch); fp16 2e-2 absolute on values of order 1 (one fp16
+rounding of the output and of dz, then torch's fp16 matmuls); bf16 6e-2 (8-bit mantissa; the
+interpreter also truncates fp32->bf16 instead of rounding).
+
+Kernel tests call the kernels' own launchers, not the public functions (whose first-use check
+would fall back to torch on a failing kernel), and the `launches` fixture proves each test
+launched the kernel it names.
 """
 import importlib
+import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -14,26 +24,65 @@ import diffgap as dg
 kernels = pytest.importorskip("kernels")
 from kernels.cosine_topk import cosine_topk_triton  # noqa: E402
 
+# the modules, not the functions of the same name that the package exports
+topk_mod, fused_mlp = (importlib.import_module(f"kernels.{m}") for m in ("cosine_topk", "fused_mlp"))
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+assert all(kernels.first_use.TOL[d] == t for d, t in TOL.items())   # the check uses the tests' tolerances
+
+
+def fused(x, w, b, t):
+    """The fused step through its kernels only: errors raise, nothing falls back to torch."""
+    return fused_mlp.FusedLinearTembSiLU.apply(x, w, b, t, None)
+
+
+class Counting:
+    """Stands in for a @triton.jit kernel: counts launches and runs the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.launches += 1
+            return launch(*args, **kwargs)
+        return run
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """{"fused_fwd", "fused_bwd", "cosine_topk"} -> Counting wrappers of the kernels for one test."""
+    out = {}
+    for mod, attr, name in ((fused_mlp, "_fused_fwd_kernel", "fused_fwd"), (fused_mlp, "_fused_bwd_kernel", "fused_bwd"),
+                            (topk_mod, "_cosine_topk_kernel", "cosine_topk")):
+        out[name] = Counting(getattr(mod, attr))
+        monkeypatch.setattr(mod, attr, out[name])
+    return out
 
 
 def make_inputs(M, K, N, dtype, rows, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype).requires_grad_()
-    b = torch.randn(N, generator=g).to(dtype).requires_grad_()
-    t = torch.randn(*((M, N) if rows else (N,)), generator=g).to(dtype).requires_grad_()
+    x = torch.randn(M, K, generator=g).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(DEVICE, dtype).requires_grad_()
+    b = torch.randn(N, generator=g).to(DEVICE, dtype).requires_grad_()
+    t = torch.randn(*((M, N) if rows else (N,)), generator=g).to(DEVICE, dtype).requires_grad_()
     return x, w, b, t
 
 
+# (150, 200, 300): several row, column and K tiles at the GPU config (64x64x32) and the
+# interpreter's (64x128x128); the others: ragged edges, a single tile, K and N not multiples of 16.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows", [True, False])
-@pytest.mark.parametrize("shape", [(37, 123, 77), (64, 32, 16), (5, 200, 130)])
-def test_fused_step_forward_and_gradients(dtype, rows, shape):
+@pytest.mark.parametrize("shape", [(37, 123, 77), (64, 32, 16), (5, 200, 130), (150, 200, 300)])
+def test_fused_step_forward_and_gradients(dtype, rows, shape, launches):
     inputs = make_inputs(*shape, dtype, rows)
-    y = kernels.fused_linear_temb_silu(*inputs)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = fused(*inputs)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     y.backward(dy)
+    assert launches["fused_fwd"].launches == 1 and launches["fused_bwd"].launches == 1
     grads = [p.grad.float() for p in inputs]
     ref_inputs = [p.detach().float().requires_grad_() for p in inputs]
     y_ref = kernels.fused_linear_temb_silu_reference(*ref_inputs)
@@ -46,18 +95,22 @@ def test_fused_step_forward_and_gradients(dtype, rows, shape):
         assert torch.allclose(got, p.grad, atol=tol * scale, rtol=tol), name
 
 
-def test_fused_step_gradcheck_fp64():
+def test_fused_step_gradcheck_fp64(launches):
     inputs = [p.detach().double().requires_grad_() for p in make_inputs(6, 5, 4, torch.float64, rows=True)]
-    assert torch.autograd.gradcheck(kernels.fused_linear_temb_silu, inputs, eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(fused, inputs, eps=1e-6, atol=1e-5)
     inputs[3] = inputs[3][0].detach().requires_grad_()   # broadcast temb
-    assert torch.autograd.gradcheck(kernels.fused_linear_temb_silu, inputs, eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(fused, inputs, eps=1e-6, atol=1e-5)
+    assert launches["fused_fwd"].launches > 0 and launches["fused_bwd"].launches > 0
 
 
-def test_fused_step_without_grad_stores_nothing_extra():
-    x, w, b, t = (p.detach() for p in make_inputs(8, 16, 8, torch.float32, rows=True))
+def test_fused_step_without_grad_stores_nothing_extra(launches, monkeypatch):
+    x, w, b, t = (p.detach() for p in make_inputs(80, 16, 144, torch.float32, rows=True))
+    stored = []
+    real = fused_mlp.fused_forward
+    monkeypatch.setattr(fused_mlp, "fused_forward", lambda *a, store_z: stored.append(store_z) or real(*a, store_z=store_z))
     with torch.no_grad():
-        y = kernels.fused_linear_temb_silu(x, w, b, t)
-    assert not y.requires_grad
+        y = fused(x, w, b, t)
+    assert not y.requires_grad and stored == [False] and launches["fused_fwd"].launches == 1
     assert torch.allclose(y, kernels.fused_linear_temb_silu_reference(x, w, b, t), atol=1e-5)
 
 
@@ -76,14 +129,15 @@ def gallery_with_ties_and_zeros(M, N, D, seed=0):
     gal[N // 2] = 2.5 * gal[N // 5]      # same direction, another norm: equal cosine too
     gal[N - 1] = 0                        # zero vector: cosine 0, not NaN
     q[0] = 0
-    return q, gal
+    return q.to(DEVICE), gal.to(DEVICE)
 
 
 @pytest.mark.parametrize("k", [1, 5, 10])
 @pytest.mark.parametrize("shape", [(19, 300, 70), (40, 129, 33)])
-def test_cosine_topk_kernel_matches_full_matrix(k, shape):
+def test_cosine_topk_kernel_matches_full_matrix(k, shape, launches):
     q, gal = gallery_with_ties_and_zeros(*shape)
     v, i = cosine_topk_triton(q, gal, k)
+    assert launches["cosine_topk"].launches == 1
     v_ref, i_ref = kernels.cosine_topk_reference(q, gal, k)
     assert torch.equal(i, i_ref)
     assert torch.allclose(v, v_ref, atol=1e-5) and not torch.isnan(v).any()
@@ -93,11 +147,29 @@ def test_cosine_topk_kernel_matches_full_matrix(k, shape):
     assert (v[0] == 0).all()
 
 
-def test_cosine_topk_k_larger_than_a_block_and_several_slices():
+def test_cosine_topk_largest_k_and_several_slices(launches):
     q, gal = gallery_with_ties_and_zeros(9, 700, 20, seed=3)
-    v, i = cosine_topk_triton(q, gal, 40, slice_len=128)   # 6 slices, k > 32 rows of a block
-    v_ref, i_ref = kernels.cosine_topk_reference(q, gal, 40)
+    k = topk_mod.K_MAX                                      # the largest k the kernel takes (KP == K)
+    v, i = cosine_topk_triton(q, gal, k, slice_len=128)     # 6 slices, each keeping k > 9 rows' worth
+    assert launches["cosine_topk"].launches == 1
+    v_ref, i_ref = kernels.cosine_topk_reference(q, gal, k)
     assert torch.equal(i, i_ref) and torch.allclose(v, v_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cosine_topk_kernel_every_dtype_exact_ties(dtype, launches):
+    """Entries in {-1, 0, 1} (exact in every dtype), gallery rows of equal norm: scores are exact
+    integer dots times one constant, so every index must match, ties to the lower index."""
+    q, gal = topk_mod.check_input(M=70, N=300, D=160, seed=5)    # 70 > 64 query rows, 300 > 256 gallery rows
+    qd, gd = q.to(DEVICE, dtype), gal.to(DEVICE, dtype)
+    v, i = cosine_topk_triton(qd, gd, 10)
+    assert launches["cosine_topk"].launches == 1
+    qn, gn = q.double().norm(dim=1), gal.double().norm(dim=1)
+    s = (q.double() @ gal.double().T) / torch.where(qn > 0, qn, 1)[:, None] / torch.where(gn > 0, gn, 1)[None, :]
+    order = torch.sort(s, dim=1, descending=True, stable=True)   # stable: equal scores keep index order
+    assert torch.equal(i.cpu(), order.indices[:, :10])
+    assert torch.allclose(v.cpu().double(), order.values[:, :10], atol=1e-6)
+    assert (order.values[:, 9] == order.values[:, 10]).sum() > 10   # ties really cross the k-th place
 
 
 @pytest.mark.parametrize("k", [1, 5, 10, 64])
@@ -125,13 +197,13 @@ def test_chunked_torch_path_memory_is_bounded_by_the_chunk(monkeypatch):
 
 
 def test_streaming_retrieval_metrics_equal_the_dense_ones():
-    q, gal = gallery_with_ties_and_zeros(60, 250, 16, seed=2)
+    q, gal = gallery_with_ties_and_zeros(60, 250, 16, seed=2)   # on CUDA, "auto" takes the kernel
     gal[125] = gal[50]  # exact duplicates only: a rescaled copy ties only up to rounding, which
     q[0] = gal[7]       # the dense and streamed paths need not round alike
-    single = torch.randint(0, 250, (60,), generator=torch.Generator().manual_seed(0))
-    multi = torch.zeros(60, 250, dtype=torch.bool)
-    multi[torch.arange(60), single] = True
-    multi[torch.arange(60), (single * 7) % 250] = True
+    single = torch.randint(0, 250, (60,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    multi = torch.zeros(60, 250, dtype=torch.bool, device=DEVICE)
+    multi[torch.arange(60, device=DEVICE), single] = True
+    multi[torch.arange(60, device=DEVICE), (single * 7) % 250] = True
     for rel in (single, multi):
         dense = dg.retrieval_metrics(dg.cosine_scores(q, gal), rel)
         streamed = dg.retrieval_metrics_from_embeddings(q, gal, rel, chunk=37)
@@ -140,8 +212,8 @@ def test_streaming_retrieval_metrics_equal_the_dense_ones():
             assert streamed[key] == pytest.approx(dense[key], abs=1e-6), key
 
 
-def test_end_to_end_triton_matches_torch():
-    """One training step and a 5-step sample agree between kernels 'triton' (interpreter) and 'torch'."""
+def test_end_to_end_triton_matches_torch(launches):
+    """One training step and a 5-step sample agree between kernels 'triton' (the interpreter on a CPU) and 'torch'."""
     results = {}
     for mode in ("torch", "triton"):
         dg.KERNELS = mode
@@ -151,14 +223,110 @@ def test_end_to_end_triton_matches_torch():
             with torch.no_grad():
                 for blk in model.net.blocks:   # non-zero second layers, so the blocks matter
                     blk.fc2.weight.normal_(0, 0.2)
-            a, b = torch.randn(16, 24), torch.randn(16, 24)
+            model.to(DEVICE)
+            a, b = torch.randn(16, 24).to(DEVICE), torch.randn(16, 24).to(DEVICE)
             opt = dg.make_optimizer(model, 1e-2)
             loss = next(dg.train_steps(model, a, b, opt, 1, 16, seed=0))["loss"].item()
-            out = model.sample(b[:6], 0, steps=5, use_ema=False, generator=torch.Generator().manual_seed(0))
+            out = model.sample(b[:6], 0, steps=5, use_ema=False,
+                               generator=torch.Generator(device=DEVICE).manual_seed(0))
             results[mode] = (loss, out, [p.detach().clone() for p in model.net.parameters()])
+            # the triton run launched the kernel in both blocks for the step and each of the 5 sampling
+            # steps (the first-use check, if it runs here, adds 3 launches of its own)
+            fwd = launches["fused_fwd"].launches
+            assert (fwd == 0) if mode == "torch" else fwd >= 2 * (1 + 5)
         finally:
             dg.KERNELS = "auto"
     (l0, o0, p0), (l1, o1, p1) = results["torch"], results["triton"]
     assert l1 == pytest.approx(l0, rel=1e-5)
     assert torch.allclose(o0, o1, atol=1e-4)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(p0, p1))
+
+
+# Each way of switching TF32 on or off, and what the kernels must then use for fp32 dots.
+# Mixing torch's new and legacy TF32 APIs is sticky (the legacy getters raise for the rest of the
+# process), so every case runs in a fresh fork of a process whose flags were never touched.
+TF32_CASES = {
+    "untouched": ("", "ieee"),
+    "new API, global tf32": ("torch.backends.fp32_precision = 'tf32'", "tf32"),
+    "new API, global ieee": ("torch.backends.fp32_precision = 'ieee'", "ieee"),
+    "new API, matmul only tf32": ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "tf32"),
+    "new API, matmul only ieee": ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", "ieee"),
+    "new API, global tf32 but matmul ieee": ("torch.backends.fp32_precision = 'tf32'; "
+                                             "torch.backends.cuda.matmul.fp32_precision = 'ieee'", "ieee"),
+    "new API, CPU (mkldnn) matmul tf32 only": ("torch.backends.mkldnn.matmul.fp32_precision = 'tf32'", "ieee"),
+    "legacy allow_tf32 True": ("torch.backends.cuda.matmul.allow_tf32 = True", "tf32"),
+    "legacy allow_tf32 False": ("torch.backends.cuda.matmul.allow_tf32 = False", "ieee"),
+    "set_float32_matmul_precision high": ("torch.set_float32_matmul_precision('high')", "tf32"),
+    "set_float32_matmul_precision medium": ("torch.set_float32_matmul_precision('medium')", "tf32"),
+    "set_float32_matmul_precision highest": ("torch.set_float32_matmul_precision('highest')", "ieee"),
+    "legacy True, then new API matmul ieee": ("torch.backends.cuda.matmul.allow_tf32 = True; "
+                                              "torch.backends.cuda.matmul.fp32_precision = 'ieee'", "ieee"),
+    "new API tf32, then legacy False": ("torch.backends.cuda.matmul.fp32_precision = 'tf32'; "
+                                        "torch.backends.cuda.matmul.allow_tf32 = False", "ieee"),
+}
+
+TF32_PROBE = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    import kernels
+    import importlib
+    fused_mlp, topk_mod = (importlib.import_module(f"kernels.{m}") for m in ("fused_mlp", "cosine_topk"))
+    cases, launch = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    out = {}
+    for name, (setting, _) in cases.items():
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # a fresh copy of a process that never touched the flags
+            os.close(r)
+            try:
+                exec(setting)
+                got = dict(precision=kernels.fp32_dot_precision(),
+                           fused=fused_mlp.fused_config(80, 144, 160, torch.float32)["PRECISION"],
+                           topk=topk_mod.topk_config(48, 160, 10, torch.float32)["PRECISION"])
+                if kernels.INTERPRET and name in launch:   # the reported failure: any kernel launch raised
+                    x, w_, b, t = torch.randn(8, 16), torch.randn(8, 16), torch.randn(8), torch.randn(8, 8)
+                    y = kernels.fused_linear_temb_silu(x, w_, b, t, strict=True)
+                    got["launch"] = bool(torch.allclose(y, kernels.fused_linear_temb_silu_reference(x, w_, b, t), atol=1e-5))
+                    v, i = kernels.cosine_topk(x, w_, 3, backend="triton", strict=True)
+                    got["launch"] &= bool(torch.equal(i, kernels.cosine_topk_reference(x, w_, 3)[1]))
+            except Exception as e:
+                got = dict(error=f"{type(e).__name__}: {e}")
+            os.write(w, json.dumps(got).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            out[name] = json.loads(f.read())
+        os.waitpid(pid, 0)
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(not hasattr(sys.modules["os"], "fork"), reason="needs os.fork")
+def test_fp32_dots_follow_every_way_of_setting_tf32():
+    """New API (global, matmul only), legacy allow_tf32, set_float32_matmul_precision, and mixes:
+    the kernels read torch's effective cuBLAS setting without raising, and still launch."""
+    launch = ["new API, global tf32", "new API, matmul only tf32", "set_float32_matmul_precision high"]
+    res = subprocess.run([sys.executable, "-c", TF32_PROBE, json.dumps(TF32_CASES), json.dumps(launch)],
+                         capture_output=True, text=True,
+                         cwd=dg.__file__.rsplit("/", 1)[0], timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, (_, want) in TF32_CASES.items():
+        assert "error" not in got[name], (name, got[name])
+        assert got[name]["precision"] == got[name]["fused"] == got[name]["topk"] == want, (name, got[name])
+        assert got[name].get("launch") is (True if name in launch and kernels.INTERPRET else None), name
+
+
+def test_fp32_dots_on_a_torch_without_the_new_api(monkeypatch):
+    """torch < 2.9 has no fp32_precision attribute: the legacy allow_tf32 flag decides."""
+    class LegacyMatmul:   # what torch.backends.cuda.matmul offers before 2.9
+        allow_tf32 = False
+
+        def __getattr__(self, name):
+            raise AttributeError(f"Unknown attribute {name}")
+
+    legacy = LegacyMatmul()
+    monkeypatch.setattr(torch.backends.cuda, "matmul", legacy)
+    assert kernels.fp32_dot_precision() == "ieee"
+    legacy.allow_tf32 = True
+    assert kernels.fp32_dot_precision() == "tf32"

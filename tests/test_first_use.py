@@ -1,0 +1,213 @@
+"""The first-use check (kernels/first_use.py): a kernel's first result per (kernel, dtype, device,
+Triton version) in a process is checked against torch; a wrong result or a compile / launch error
+gives one warning and the torch path, or an error when the kernels were asked for explicitly.
+
+On a CPU the kernels run under Triton's interpreter; faults are injected by standing in for the
+@triton.jit kernels: run the real one, then corrupt an output, or raise instead of launching.
+"""
+import importlib
+import warnings
+
+import pytest
+import torch
+
+import diffgap as dg
+
+kernels = pytest.importorskip("kernels")
+from kernels import KernelCheckError, KernelFallbackWarning, first_use  # noqa: E402
+
+topk_mod, fused_mlp = (importlib.import_module(f"kernels.{m}") for m in ("cosine_topk", "fused_mlp"))
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks():
+    """Every test starts, and leaves, a process in which no kernel has been checked yet."""
+    first_use.reset()
+    yield
+    first_use.reset()
+
+
+class Fault:
+    """Stands in for a @triton.jit kernel: counts launches; runs the real kernel and then applies
+    `corrupt` to its positional argument `arg` (an output), or raises `error` instead."""
+
+    def __init__(self, kernel, arg=None, corrupt=None, error=None):
+        self.kernel, self.arg, self.corrupt, self.error, self.launches = kernel, arg, corrupt, error, 0
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches += 1
+            if self.error is not None:
+                raise self.error
+            out = self.kernel[grid](*args, **kwargs)
+            if self.corrupt is not None:
+                self.corrupt(args[self.arg])
+            return out
+        return run
+
+
+def inject(monkeypatch, which, fault_kwargs):
+    mod, attr = {"fused_fwd": (fused_mlp, "_fused_fwd_kernel"), "fused_bwd": (fused_mlp, "_fused_bwd_kernel"),
+                 "cosine_topk": (topk_mod, "_cosine_topk_kernel")}[which]
+    fault = Fault(getattr(mod, attr), **fault_kwargs)
+    monkeypatch.setattr(mod, attr, fault)
+    return fault
+
+
+def fused_inputs(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(70, 48, generator=g), torch.randn(130, 48, generator=g) / 7
+    b, t = torch.randn(130, generator=g), torch.randn(70, 130, generator=g)
+    return [a.to(DEVICE, dtype).requires_grad_() for a in (x, w, b, t)]
+
+
+def fused_run(fn, inputs):
+    """fn's output and the gradients of all four inputs for a fixed upstream gradient."""
+    ins = [a.detach().clone().requires_grad_() for a in inputs]
+    y = fn(*ins)
+    y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape).to(y.dtype))
+    return [y.detach()] + [a.grad for a in ins]
+
+
+def topk_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(40, 24, generator=g).to(DEVICE), torch.randn(300, 24, generator=g).to(DEVICE)
+
+
+# what each public function computes on its torch path, and through the kernels
+FUSED_TORCH = lambda inputs: fused_run(kernels.fused_linear_temb_silu_reference, inputs)
+TOPK_TORCH = lambda q, g: kernels.cosine_topk_torch(q, g, 10)
+TOPK_API = lambda q, g, strict=False: kernels.cosine_topk(q, g, 10, backend="triton", strict=strict)
+
+
+def test_a_correct_kernel_passes_and_changes_no_result():
+    inputs = fused_inputs()
+    cpu_rng, cuda_rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # sampling's context, and mixed precision: the check still runs its backward and its float64 reference
+        with torch.inference_mode(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            x, w, b, t = (a.detach() for a in inputs)
+            y_inf = kernels.fused_linear_temb_silu(x, w, b, t)
+        api = fused_run(kernels.fused_linear_temb_silu, inputs)
+        q, g = topk_inputs()
+        top = TOPK_API(q, g)
+    assert torch.equal(torch.get_rng_state(), cpu_rng)
+    if cuda_rng is not None:
+        assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda_rng))
+    raw = fused_run(lambda *a: fused_mlp.FusedLinearTembSiLU.apply(*a, None), inputs)
+    assert all(torch.equal(a, b) for a, b in zip(api, raw))          # bit for bit: the kernel's results
+    assert torch.equal(y_inf, raw[0])
+    raw_top = topk_mod.cosine_topk_triton(q, g, 10)
+    assert torch.equal(top[0], raw_top[0]) and torch.equal(top[1], raw_top[1])
+    done = first_use.outcomes()
+    assert {k[0] for k in done} == {"fused_linear_temb_silu", "cosine_topk"} and all(o.ok for o in done.values())
+    # the figures are recorded: every tensor the check compares, within its tolerance
+    fused_errors = next(o.errors for k, o in done.items() if k[0] == "fused_linear_temb_silu")
+    assert {"y", "dx", "dW", "db", "dtemb", "broadcast temb: dtemb", "y without grad"} <= set(fused_errors)
+    assert all(0 <= err <= tol for err, tol in fused_errors.values())
+
+
+def test_the_check_runs_once_per_process_and_key(monkeypatch):
+    runs = []
+    real = first_use.run_check
+    monkeypatch.setattr(first_use, "run_check", lambda kernel, dtype, *a: runs.append((kernel, dtype)) or real(kernel, dtype, *a))
+    x, w, b, t = (a.detach() for a in fused_inputs())
+    for _ in range(3):
+        kernels.fused_linear_temb_silu(x, w, b, t)
+    kernels.fused_linear_temb_silu(x.half(), w.half(), b.half(), t.half())   # another dtype: another key
+    q, g = topk_inputs()
+    TOPK_API(q, g), TOPK_API(q, g)
+    kernels.cosine_topk(q, g, 40, backend="triton")                          # k > K_MAX: torch, nothing to check
+    kernels.cosine_topk(q, g, 10, backend="torch")
+    assert runs == [("fused_linear_temb_silu", torch.float32), ("fused_linear_temb_silu", torch.float16),
+                    ("cosine_topk", torch.float32)]
+    assert len(first_use.outcomes()) == 3
+
+
+WRONG = {   # kernel, output argument, corruption: each a plausible miscompile
+    "fused forward": ("fused_fwd", 4, lambda y: y.add_(0.5)),          # y
+    "fused backward": ("fused_bwd", 2, lambda dz: dz.mul_(1.5)),       # dz: dx and dW go wrong, db does not
+    "top-k": ("cosine_topk", 5, lambda idx: idx.add_(1)),              # indices
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG))
+@pytest.mark.parametrize("fault", ["wrong result", "launch error"])
+def test_a_failing_kernel_warns_once_and_the_torch_path_takes_over(case, fault, monkeypatch):
+    which, arg, corrupt = WRONG[case]
+    spec = dict(arg=arg, corrupt=corrupt) if fault == "wrong result" else dict(error=RuntimeError("injected launch failure"))
+    f = inject(monkeypatch, which, spec)
+    if which == "cosine_topk":
+        q, g = topk_inputs()
+        call, want = (lambda: TOPK_API(q, g)), TOPK_TORCH(q, g)
+    else:
+        inputs = fused_inputs()
+        call, want = (lambda: fused_run(kernels.fused_linear_temb_silu, inputs)), FUSED_TORCH(inputs)
+    with pytest.warns(KernelFallbackWarning) as caught:
+        got = call()
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert first_use.device_name(torch.empty(0, device=DEVICE).device) in msg and f"Triton {kernels.first_use.triton.__version__}" in msg
+    assert "using the torch path for the rest of this process" in msg
+    if fault == "wrong result":
+        name = {"fused forward": "in y ", "fused backward": "in dW ", "top-k": "in indices "}[case]
+        assert "max error" in msg and name in msg, msg
+    else:
+        assert "failed to compile or run" in msg and "RuntimeError: injected launch failure" in msg, msg
+    assert all(torch.equal(a, b) for a, b in zip(got, want))     # exactly the torch path's results
+    launched = f.launches
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                           # no second warning
+        again = call()
+    assert all(torch.equal(a, b) for a, b in zip(again, want)) and f.launches == launched   # kernel not used again
+
+
+@pytest.mark.parametrize("fault", ["wrong result", "launch error"])
+def test_kernels_asked_for_explicitly_raise(fault, monkeypatch):
+    for which, arg, corrupt in (WRONG["fused forward"], WRONG["top-k"]):
+        spec = dict(arg=arg, corrupt=corrupt) if fault == "wrong result" else dict(error=RuntimeError("injected"))
+        inject(monkeypatch, which, spec)
+    x, w, b, t = fused_inputs()
+    q, g = topk_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):    # every call, not only the first
+            with pytest.raises(KernelCheckError, match="max error|failed to compile"):
+                kernels.fused_linear_temb_silu(x, w, b, t, strict=True)
+            with pytest.raises(KernelCheckError, match="max error|failed to compile"):
+                TOPK_API(q, g, strict=True)
+
+
+def test_a_launch_error_after_a_passed_check_falls_back_forward_and_backward(monkeypatch):
+    inputs = fused_inputs()
+    assert kernels.fused_linear_temb_silu(*(a.detach() for a in inputs)) is not None   # the check passes
+    assert all(o.ok for o in first_use.outcomes().values())
+    inject(monkeypatch, "fused_bwd", dict(error=RuntimeError("injected backward failure")))
+    with pytest.warns(KernelFallbackWarning, match="failed to compile or launch: RuntimeError: injected backward"):
+        got = fused_run(kernels.fused_linear_temb_silu, inputs)     # the forward ran the kernel, the backward could not
+    want = FUSED_TORCH(inputs)   # got: the kernel's forward, torch's dz; equal within the fp32 tolerance
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(got, want))
+    fwd = inject(monkeypatch, "fused_fwd", dict(error=RuntimeError("never launched")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        later = fused_run(kernels.fused_linear_temb_silu, inputs)
+    assert fwd.launches == 0 and all(torch.equal(a, b) for a, b in zip(later, want))
+    with pytest.raises(KernelCheckError, match="injected backward failure"):   # strict: raises on every use
+        kernels.fused_linear_temb_silu(*inputs, strict=True)
+
+
+def test_diffgap_kernels_triton_raises_and_auto_on_cuda_falls_back(monkeypatch):
+    inject(monkeypatch, "fused_fwd", dict(arg=4, corrupt=lambda y: y.add_(0.5)))
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=24, dim_b=24, hidden=32, inner=16, depth=2, time_dim=16)).to(DEVICE)
+    a, b = torch.randn(16, 24).to(DEVICE), torch.randn(16, 24).to(DEVICE)
+    opt = dg.make_optimizer(model, 1e-2)
+    monkeypatch.setattr(dg, "KERNELS", "triton")
+    with pytest.raises(KernelCheckError, match="max error"):
+        next(dg.train_steps(model, a, b, opt, 1, 16, seed=0))
+    if DEVICE.type == "cuda":   # "auto" on CUDA: one warning, then the torch path
+        monkeypatch.setattr(dg, "KERNELS", "auto")
+        first_use.reset()
+        with pytest.warns(KernelFallbackWarning):
+            next(dg.train_steps(model, a, b, opt, 1, 16, seed=0))
