@@ -10,7 +10,7 @@ import soundfile as sf
 
 import embed_cache
 from embed_cache import DataError
-from embed_cache.extract import LogMelEncoder, extract, fit_length, resample
+from embed_cache.extract import LogMelEncoder, extract, fit_length, main, resample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FREQS = (220.0, 660.0, 1800.0)   # one tone per class
@@ -72,11 +72,11 @@ def test_extract_resumes_and_a_bad_file_keeps_the_cache(tmp_path):
     assert np.array_equal(kept["emb"][:12], first["emb"])
 
 
-def test_clap_encoder_without_weights_says_so(tmp_path):
-    (tmp_path / "wav").mkdir()
-    r = subprocess.run([sys.executable, "-m", "embed_cache.extract", "--audio-dir", str(tmp_path / "wav"),
-                        "--out", str(tmp_path / "a.npz"), "--encoder", "clap"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "--encoder clap needs --checkpoint PATH" in r.stderr
+def test_clap_is_the_old_name_of_laion_clap(tmp_path, capsys):
+    write_clips(tmp_path / "wav", n=2)
+    assert main(["--audio-dir", str(tmp_path / "wav"), "--out", str(tmp_path / "a.npz"), "--encoder", "clap",
+                 "--checkpoint", str(tmp_path / "630k.pt")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --checkpoint {tmp_path / '630k.pt'}: no such file (a LAION-CLAP .pt")
     assert not (tmp_path / "a.npz").exists()
 
 
@@ -91,7 +91,7 @@ def test_wav_to_extract_to_train_to_sample(tmp_path):
     """The whole pipeline through the command lines, offline: the acceptance test of embed_cache."""
     labels = write_clips(tmp_path / "wav", n=90)
     out = run(["-m", "embed_cache.extract", "--audio-dir", "wav", "--out", "audio.npz", "--batch-size", "8"], tmp_path)
-    assert "audio.npz: 90 embeddings (90 new, 0 already there), encoder logmel" in out
+    assert "audio.npz: 90 audio embeddings (90 new, 0 already there), encoder logmel" in out
     # the other modality: a "video" embedding per clip from its class, in another order
     rng = np.random.default_rng(1)
     protos = rng.normal(size=(3, 64))
