@@ -1,5 +1,6 @@
 """train.py and sample.py end to end, through their command lines, on tiny synthetic data."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +9,10 @@ import time
 import numpy as np
 import pytest
 import torch
+
+import diffgap as dg
+import diffgap_eval as ev
+import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "synthetic:n_train=256,n_val=20,n_test=40"
@@ -48,8 +53,12 @@ def test_resume_continues_from_the_saved_step(trained, tmp_path):
     assert ckpt["step"] == 12 and ckpt["config"]["switch_every"] == 3
 
 
-def test_sample_finds_the_checkpoint_and_reports_both_directions(trained):
-    cwd, _ = trained
+def test_sample_finds_the_checkpoint_and_reports_both_directions(trained, tmp_path):
+    # a fresh copy of the trained run: what this test finds there (no test translations yet) does not
+    # depend on which tests ran before it in the shared folder, or on a previous run of it
+    cwd = tmp_path
+    shutil.copytree(trained[0] / "runs", cwd / "runs")
+    assert not any(name.endswith("test-translations.npz") for name in os.listdir(cwd / "runs" / "audio-video"))
     out = run("sample.py", "--steps", "5", "--num-samples", "2", cwd=cwd).stdout
     for row in ("B->A      diffgap", "B->A      blend-0.5", "B->A      two-way-blend-0.25", "A->B      contrastive",
                 "A->B      oracle"):
@@ -84,6 +93,33 @@ def test_sample_generates_for_given_conditions(trained):
     run("sample.py", "--direction", "b2a", "--cond", "cond.npy", "--out", "gen.npy", "--num-samples", "2", cwd=cwd)
     gen = np.load(cwd / "gen.npy")
     assert gen.shape == (7, 512) and np.allclose(np.linalg.norm(gen, axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["b2a", "a2b"])
+def test_cond_writes_the_seeded_mean_of_samples_in_the_asked_direction(direction, tmp_path, monkeypatch):
+    """Unequal dims (A 12, B 20): --cond FILE writes normalize(sample_many(...).mean(0)) with the
+    generator seeded by --seed, for the direction asked, with every sampling option passed on."""
+    torch.manual_seed(0)
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=12, dim_b=20, hidden=32, inner=16, depth=1, time_dim=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)        # EMA and net, directions and guidance all matter
+    model.fit_stats(torch.randn(50, 12) + 1, torch.randn(50, 20) - 1)
+    ev.save_checkpoint(str(tmp_path / "ckpt.pt"), model, step=0, pair="audio-video", data="synthetic")
+    d = {"b2a": 0, "a2b": 1}[direction]
+    cond = torch.randn(5, 20 if d == 0 else 12)
+    np.save(tmp_path / "cond.npy", cond.numpy())
+    monkeypatch.chdir(tmp_path)
+    assert sample.main(["--ckpt", "ckpt.pt", "--direction", direction, "--cond", "cond.npy", "--out", "gen.npy",
+                        "--num-samples", "3", "--steps", "4", "--sampler", "ddpm", "--guidance", "2",
+                        "--seed", "5"]) == 0
+    gen = torch.from_numpy(np.load(tmp_path / "gen.npy"))
+    loaded, _ = ev.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    many = loaded.eval().sample_many(cond, d, 3, steps=4, sampler="ddpm", guidance=2.0,
+                                     generator=torch.Generator().manual_seed(5))      # (3, 5, D_target)
+    assert gen.shape == (5, 12 if d == 0 else 20)
+    assert torch.allclose(gen, torch.nn.functional.normalize(many.mean(0), dim=-1), atol=1e-6)
+    assert not torch.allclose(gen, torch.nn.functional.normalize(many[0], dim=-1), atol=1e-3)   # a mean, not one
 
 
 @pytest.mark.parametrize("case", ["wrong_dim", "nan"])

@@ -49,23 +49,43 @@ def test_two_processes_train_the_same_model_as_one(runs):
     assert os.listdir(os.path.join(two, "audio-video")) == ["ckpt.pt"]   # rank 0 alone writes
 
 
+# train.py, except that rank 0 stops for good right after writing the checkpoint of step 16 (an
+# epoch end): the test kills the run there, whatever the machine's speed
+HANG_AFTER_STEP_16 = """
+import runpy, sys, time
+sys.path.insert(0, {root!r})
+import diffgap_eval as ev
+save = ev.save_checkpoint
+def save_then_hang(path, model, **extra):
+    save(path, model, **extra)
+    if extra.get("step") == 16:
+        time.sleep(600)
+ev.save_checkpoint = save_then_hang
+sys.argv[0] = {train!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
 def test_two_process_run_killed_with_sigkill_and_resumed_ends_identical(runs, tmp_path):
     _, two = runs
-    extra = ["--save-every-min", "0.002"]
-    proc = subprocess.Popen(TORCHRUN + [os.path.join(ROOT, "train.py"), *ARGS, "--out", str(tmp_path), *extra],
+    script = tmp_path / "train_hang.py"
+    script.write_text(HANG_AFTER_STEP_16.format(root=ROOT, train=os.path.join(ROOT, "train.py")))
+    proc = subprocess.Popen(TORCHRUN + [str(script), *ARGS, "--out", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = tmp_path / "audio-video" / "ckpt.pt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)        # torchrun and both workers, no handler runs
-    proc.wait()
-    killed_at = torch.load(ckpt, weights_only=True)["step"]
-    res = train(TORCHRUN, tmp_path, *extra, "--resume")
+    step = lambda: torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else None   # written atomically
+    deadline = time.time() + 240
+    try:
+        while step() != 16 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)        # torchrun and both workers, no handler runs
+        proc.wait()
+    assert step() == 16                            # killed mid-run: rank 1 was already in step 17
+    res = train(TORCHRUN, tmp_path, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = weights(two), weights(tmp_path)
-    assert b["step"] == 48 and killed_at < 48
+    assert b["step"] == 48
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 

@@ -1,5 +1,6 @@
 """What survives a crash: exact resume, durable writes, and every bad option refused."""
 import os
+import stat
 import subprocess
 import sys
 
@@ -75,6 +76,36 @@ def test_checkpoint_write_leaves_no_temp_file_and_keeps_the_old_one_on_failure(t
     with pytest.raises(OSError, match="disk full"):
         ev.atomic_write(path, broken)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_checkpoint_write_syncs_the_data_then_renames_then_syncs_the_folder(tmp_path, monkeypatch):
+    """A power loss at any point keeps the old file or the whole new one: the data reaches the disk
+    before the rename (else the rename can land first: an empty file), the folder after it."""
+    path = str(tmp_path / "ckpt.pt")
+    ev.atomic_write(path, lambda f: f.write(b"old"))
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def record_fsync(fd):
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            events.append(("fsync folder", os.path.samestat(info, os.stat(tmp_path))))
+        else:   # what the file holds now: the file in the folder with this inode, whatever its name
+            name = next(n for n in os.listdir(tmp_path) if os.stat(tmp_path / n).st_ino == info.st_ino)
+            events.append(("fsync file", (tmp_path / name).read_bytes(), info.st_ino))
+        fsync(fd)
+
+    def record_replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    ev.atomic_write(path, lambda f: f.write(b"new data"))
+    assert [e[0] for e in events] == ["fsync file", "replace", "fsync folder"]
+    assert events[0][1] == b"new data"                  # flushed before the fsync: all of it
+    assert events[1][1] == events[0][2] and events[1][2] == path   # the synced file is the one renamed
+    assert events[2][1] is True                         # the folder holding path
+    assert open(path, "rb").read() == b"new data"
 
 
 def test_crash_drill_one_trial_is_identical():

@@ -1,4 +1,7 @@
 """Samplers with an oracle denoiser: a full no-noise loop must return the x0 it started from."""
+import copy
+import math
+
 import pytest
 import torch
 
@@ -88,3 +91,133 @@ def test_guidance_refused_without_condition_dropout():
     model = dg.DiffGAP(tiny_config(p_uncond=0.0))
     with pytest.raises(ValueError, match="p_uncond"):
         model.sample(torch.randn(2, 16), 0, guidance=2.0)
+
+
+# -- every step of every sampler against closed forms on Gaussian data ------------------------------
+# For data x0 ~ N(mu, s^2 I) the exact denoiser is closed form at every t: with x_t = sa x0 + so eps
+# (sa^2 = alpha_bar_t, so^2 = 1 - alpha_bar_t), x_t ~ N(sa mu, v_t I), v_t = sa^2 s^2 + so^2, and
+# E[x0 | x_t] = mu + (sa s^2 / v_t) (x_t - sa mu), E[eps | x_t] = (x_t - sa E[x0 | x_t]) / so. Each
+# sampler step is then affine in x_t plus independent noise, so the law of every intermediate x_t
+# is a Gaussian whose mean and variance follow by scalar recursion: the test checks each step's
+# samples against it (and each step's residual noise against its variance), not only the last one.
+MU_S = (torch.linspace(-1.0, 1.0, 16, dtype=torch.float64), 0.5)
+
+
+def step_law(sampler, eta, ab, ab_prev, final):
+    """(mean_fn, sigma) of one step x_t -> x_prev with the exact posterior-mean denoiser: the
+    mean of x_prev given x_t (Song et al. 2021 eq. 12 for DDIM; Ho et al. 2020 eq. 7 for DDPM,
+    with the respaced beta = 1 - abar_t / abar_prev) and the standard deviation of its noise."""
+    mu, s = MU_S
+    sa, so = math.sqrt(ab), math.sqrt(1 - ab)
+    v = ab * s * s + 1 - ab
+
+    def x0_of(x):
+        return mu + sa * s * s / v * (x - sa * mu)
+
+    if sampler == "ddim":
+        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        mean = lambda x: (math.sqrt(ab_prev) * x0_of(x)
+                          + math.sqrt(1 - ab_prev - sigma ** 2) * (x - sa * x0_of(x)) / so)
+    else:
+        beta = 1 - ab / ab_prev
+        sigma = math.sqrt(beta * (1 - ab_prev) / (1 - ab))
+        mean = lambda x: (math.sqrt(ab_prev) * beta * x0_of(x) + math.sqrt(1 - beta) * (1 - ab_prev) * x) / (1 - ab)
+    return mean, 0.0 if final else sigma
+
+
+class GaussianOracle:
+    """denoise_fn with the exact eps / x0 / v for N(mu, s^2 I) data; checks every transition
+    between consecutive calls (and into the output) against step_law, and each call's x_t
+    against the law the recursion predicts for it."""
+
+    def __init__(self, model, objective, sampler, eta):
+        self.model, self.objective, self.sampler, self.eta = model, objective, sampler, eta
+        self.ts, self.prev = [], None
+        self.mean, self.var = torch.zeros_like(MU_S[0]), 1.0     # x_{T-1} ~ N(0, I), as the sampler starts
+        self.laws = []                                            # (t, law mean, law var) of each x_t
+
+    def check(self, x, law_mean, law_var, what):
+        n = x.numel()
+        z = (x - law_mean) / math.sqrt(law_var)
+        assert abs(z.mean().item()) < 5.5 / math.sqrt(n), f"{what}: mean off the closed form"
+        assert abs(z.var().item() - 1) < 5.5 * math.sqrt(2 / n), f"{what}: variance off the closed form"
+
+    def transition(self, x_next, t_next):
+        t, x = self.prev
+        ab = float(self.model.alpha_bar[t])
+        ab_prev = 1.0 if t_next is None else float(self.model.alpha_bar[t_next])
+        mean, sigma = step_law(self.sampler, self.eta, ab, ab_prev, final=t_next is None)
+        r = x_next - mean(x)                               # the step's own noise
+        what = f"step {t} -> {t_next}"
+        if sigma == 0:
+            assert (r.abs().max() / (1 + x.abs().max())).item() < 1e-6, f"{what}: not the deterministic update"
+        else:
+            n = r.numel()
+            z = r / sigma
+            assert abs(z.mean().item()) < 5.5 / math.sqrt(n), f"{what}: noise mean"
+            assert abs(z.var().item() - 1) < 5.5 * math.sqrt(2 / n), f"{what}: noise variance is not sigma^2"
+            corr = ((z - z.mean()) * (x - x.mean())).mean() / (z.std() * x.std())
+            assert abs(corr.item()) < 5.5 / math.sqrt(n), f"{what}: noise correlates with x_t (wrong mean update)"
+        a = (mean(self.mean + 1) - mean(self.mean)).mean().item()     # the step's slope on x_t
+        self.mean, self.var = mean(self.mean), a * a * self.var + sigma ** 2
+        self.check(x_next, self.mean, self.var, f"x after {what}")
+
+    def __call__(self, x_t, t, cond, direction):
+        if self.prev is None:
+            self.check(x_t, self.mean, self.var, "x_T")
+        else:
+            self.transition(x_t, t)
+        self.ts.append(t)
+        self.laws.append((t, self.mean.clone(), self.var))
+        self.prev = (t, x_t.clone())
+        mu, s = MU_S
+        ab = float(self.model.alpha_bar[t])
+        # the sampler's own float32 sqrt tables: at t = T-1 it divides by sa ~ 8e-5, so the oracle's
+        # eps must agree with them to the last bit for its x0 to come back to 1e-12
+        sa, so = float(self.model.sqrt_alpha_bar[t]), float(self.model.sqrt_one_minus_alpha_bar[t])
+        x0 = mu + sa * s * s / (ab * s * s + 1 - ab) * (x_t - sa * mu)
+        eps = (x_t - sa * x0) / so
+        return {"eps": eps, "x0": x0, "v": sa * eps - so * x0}[self.objective]
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+@pytest.mark.parametrize("sampler,steps,eta", [("ddim", 5, 0.0), ("ddim", 50, 0.0), ("ddim", 20, 0.5),
+                                               ("ddpm", 1000, 1.0), ("ddpm", 10, 1.0)])
+def test_every_step_has_the_closed_form_law_on_gaussian_data(objective, sampler, steps, eta):
+    model = dg.DiffGAP(tiny_config(objective=objective)).double()
+    model.from_diffusion = lambda x, modality: x            # read the samples in diffusion space
+    oracle = GaussianOracle(model, objective, sampler, eta)
+    out = model.sample(torch.randn(2000, 16, dtype=torch.float64), 0, steps=steps, sampler=sampler, eta=eta,
+                       project=False, generator=torch.Generator().manual_seed(0), denoise_fn=oracle)
+    assert oracle.ts == dg.ddim_timesteps(1000, steps)      # every requested step, in order
+    oracle.transition(out, None)                            # the last step lands on E[x0 | x_t]
+    mu, s = MU_S
+    # the law the steps predict approaches the data's: closely for many steps; with few, each step
+    # shrinks the spread (with the posterior mean for x0, a deterministic DDIM step scales x_t - mean
+    # by (sa' sa s^2 + so' so) / v_t <= sqrt(v_t' / v_t), Cauchy-Schwarz): 5 DDIM steps lose 28% of s
+    final_sd = math.sqrt(oracle.var)
+    assert torch.allclose(oracle.mean, mu, atol=1e-3)
+    if steps >= 50:
+        assert abs(final_sd / s - 1) < 0.04
+        for t, mean, var in oracle.laws:                    # and every x_t's law is close to q(x_t)
+            ab = float(model.alpha_bar[t])
+            assert torch.allclose(mean, math.sqrt(ab) * mu, atol=1e-3)
+            assert abs(var / (ab * s * s + 1 - ab) - 1) < (0.01 if sampler == "ddpm" else 0.07)
+    else:
+        assert 0.6 < final_sd / s < 0.95
+
+
+def test_sampling_uses_the_ema_weights_unless_told_not_to():
+    torch.manual_seed(0)
+    model = dg.DiffGAP(tiny_config(ema_decay=0.9))
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.normal_(0, 0.3)                               # net and EMA now differ
+    as_net, as_ema = copy.deepcopy(model), copy.deepcopy(model)
+    as_net.ema.load_state_dict(model.net.state_dict())     # its EMA holds the raw weights
+    as_ema.net.load_state_dict(model.ema.state_dict())     # its raw weights are the EMA
+    cond = torch.randn(6, 16)
+    draw = lambda m, **kw: m.sample(cond, 0, steps=4, generator=torch.Generator().manual_seed(2), **kw)
+    assert not torch.equal(draw(model), draw(model, use_ema=False))
+    assert torch.equal(draw(model), draw(as_ema, use_ema=False))
+    assert torch.equal(draw(model, use_ema=False), draw(as_net))

@@ -47,7 +47,10 @@ def test_translate_is_the_mean_of_sample_many():
 
 @pytest.mark.parametrize("spec, steps", [("synthetic:preset=aligned", 300),
                                          ("synthetic:n_val=200,n_test=200", 300)])   # the default design
-def test_auto_is_never_below_contrastive_on_validation(spec, steps, tmp_path):
+def test_the_trained_model_earns_the_score_auto_chooses_on_validation(spec, steps, tmp_path):
+    """The choice rule, and what the trained model must deliver for it: choosing the best of a set
+    that holds contrastive is never below contrastive whatever the model does, so the model's own
+    scores are checked too (a sampler returning noise scores R@1 ~ 0 with every learned score)."""
     data = embed_cache.load(spec, "audio-video")
     model = trained_model(data, steps)
     ckpt = str(tmp_path / "ckpt.pt")
@@ -62,6 +65,13 @@ def test_auto_is_never_below_contrastive_on_validation(spec, steps, tmp_path):
         # the best validation R@1 among contrastive and the scores whose gain is beyond noise
         beyond = [n for n, m in results.items() if n == "contrastive" or m["gain lo adjusted"] > 0]
         assert results[chosen]["R@1"] == max(results[n]["R@1"] for n in beyond)
+        if "aligned" in spec:   # a strong space: the learned scores keep up with contrastive (measured
+            # 97-99% R@1 against 96-98%), and none of them is far ahead
+            assert all(abs(m["R@1"] - results["contrastive"]["R@1"]) < 0.05 for m in results.values())
+        else:                   # the default design: the learned scores win by far (measured: contrastive
+            # 39.5 / 37.0%, diffgap 53.5 / 58.0%, two-way 68.5 / 70.5%, its adjusted lower bound +19 / +22)
+            assert chosen != "contrastive" and results[chosen]["gain lo adjusted"] > 0.1
+            assert results["diffgap"]["gain"] > 0.1 and results["two-way"]["gain lo adjusted"] > 0.1
     if "aligned" in spec:   # the preset's promise: a strong space with few pairs
         assert len(data.splits["train"].b) < 1000
         q, g, rel = data.splits["test"].retrieval(0)
