@@ -447,6 +447,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_kernels(name: str, device: torch.device) -> None:
+    """--kernels NAME as diffgap.KERNELS; "triton" off CUDA needs Triton's interpreter, which must be
+    chosen before triton is imported (TRITON_INTERPRET=1 in the environment), so it is refused here."""
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--kernels triton without CUDA runs Triton's interpreter (slow, for debugging): start the "
+                         "command with TRITON_INTERPRET=1 in its environment")
+    dg.KERNELS = name
+
+
 def check_dims(data: embed_cache.Dataset, model: dg.DiffGAP) -> None:
     """A checkpoint only fits data of the dims it was trained on."""
     if data.dims != (model.config.dim_a, model.config.dim_b):

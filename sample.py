@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="FILE.npy to write the generated embeddings to")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU runs the interpreter (slow)")
+                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU needs TRITON_INTERPRET=1 in the "
+                        "environment (Triton's interpreter: slow, for debugging)")
     p.add_argument("--seed", type=number(int, 0), default=0)
     return p.parse_args(argv)
 
@@ -88,7 +89,7 @@ def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = ev.pick_device(args.device)
-    dg.KERNELS = args.kernels
+    ev.set_kernels(args.kernels, device)
     torch.manual_seed(args.seed)
     path = ev.find_checkpoint(args.ckpt)
     model, ckpt = ev.load_checkpoint(path)

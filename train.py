@@ -94,8 +94,11 @@ def parse_args(argv=None):
                    help="also save a checkpoint every M minutes of training (default 10), besides epoch ends")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU runs the interpreter (slow)")
+                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU needs TRITON_INTERPRET=1 in the "
+                        "environment (Triton's interpreter: slow, for debugging)")
     p.add_argument("--seed", type=number(int, 0), help="default 0; decides the initial weights, batch order and noise")
+    p.add_argument("--loss-log", metavar="FILE",
+                   help="write 'step loss' for every step to FILE (rank 0's slice under torchrun; appended on --resume)")
     return p.parse_args(argv)
 
 
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
 
 def run_training(args, rank: int, world: int, device: torch.device) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)   # rank 0 alone prints, saves and evaluates
-    dg.KERNELS = args.kernels
+    ev.set_kernels(args.kernels, device)
     ckpt_path = os.path.join(args.out, args.pair, "ckpt.pt")
 
     ckpt = None
@@ -250,12 +253,19 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     step, last_save, stopped = start_step, time.monotonic(), False
     bar = tqdm(total=total, initial=start_step, unit="it", mininterval=0.5, disable=rank != 0)
+    loss_log = None
+    if args.loss_log and rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(args.loss_log)), exist_ok=True)
+        loss_log = open(args.loss_log, "a" if ckpt else "w")
     try:
         for stats in dg.train_steps(model, a, b, optimizer, max(0, total - start_step), args.batch_size,
                                     start_step=start_step, direction=args.direction, seed=args.seed,
                                     share=(rank, world), net=ddp):
             step = stats["step"]
             bar.update(1)
+            if loss_log:
+                loss_log.write(f"{step} {stats['loss'].item():.8g}\n")
+                loss_log.flush()
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", direction=ev.DIRECTIONS[stats["direction"]])
             if step % per_epoch == 0 or time.monotonic() - last_save >= 60 * args.save_every_min:
@@ -268,6 +278,8 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
         raise diverged(str(e).split(";")[0]) from None
     finally:
         bar.close()
+        if loss_log:
+            loss_log.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     save(step)

@@ -180,10 +180,10 @@ class MLPBaseline(dg.DiffGAP):
         if self.ema is not None:
             self.ema.load_state_dict(self.net.state_dict())
 
-    def loss(self, target: torch.Tensor, cond: torch.Tensor, direction: int, generator=None, share=(0, 1),
-             net=None) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, direction: int, t=None, eps=None, drop=None) -> torch.Tensor:
+        """MSE of the regression; train_steps' draws (t, eps, drop) are not used."""
         tgt, src = (0, 1) if direction == 0 else (1, 0)
-        pred = (net or self.net)(self.to_diffusion(cond, src), direction)
+        pred = self.net(self.to_diffusion(cond, src), direction)
         return F.mse_loss(pred, self.to_diffusion(target, tgt))
 
     @torch.no_grad()

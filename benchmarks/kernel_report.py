@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kernels  # noqa: E402  (sets TRITON_INTERPRET before triton is used on a CPU machine)
+import kernels  # noqa: E402
 from kernels import aot, roofline  # noqa: E402
 
 H100 = roofline.H100

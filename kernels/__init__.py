@@ -3,10 +3,12 @@
     fused_linear_temb_silu(x, W, b, temb)   silu(x @ W^T + b + temb), forward and backward
     cosine_topk(queries, gallery, k)        cosine top-k without the (M, N) score matrix
 
-Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, which must be
-set before any @triton.jit function is defined, so it is set here, before they are). That is
-slow and meant for tests and debugging; diffgap.py uses these kernels on CUDA tensors only,
-unless asked otherwise.
+diffgap.py uses these kernels on CUDA tensors only, unless asked otherwise. To run them on CPU
+tensors, start the process with TRITON_INTERPRET=1 (Triton's interpreter reads it when a
+@triton.jit function is defined, so before this package is imported; tests/conftest.py sets
+it). That is slow and meant for tests and debugging. Importing this package changes no
+environment variable or torch flag: it would silently move every other Triton kernel of the
+user's process into the interpreter.
 
 First use: the first time each kernel runs for a dtype and device in a process it is also
 checked against its torch reference on a small fixed input (kernels/first_use.py); a kernel
@@ -17,9 +19,7 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # read, never set
 DIFFGAP_KERNELS = True  # diffgap.py takes a module called `kernels` only if it says it is this one
 
 

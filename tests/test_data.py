@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import diffgap_eval as ev
 import embed_cache
 import train
 from embed_cache import DataError, Rows
