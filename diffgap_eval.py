@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import diffgap as dg
 import embed_cache
+from embed_cache.base import atomic_write
 from diffgap import DiffGAP, DiffGAPConfig, retrieval_metrics_from_embeddings
 
 DIRECTIONS = {0: "B->A", 1: "A->B"}
@@ -356,31 +357,6 @@ def export_gallery(folder: str, split, direction: int, score: str, translations:
 
 # 4. Checkpoints: plain dicts of tensors and Python types, written atomically -------------------
 
-def atomic_write(path: str, write) -> None:
-    """Call write(f) on a temp file beside path, then make it path: all of it or none of it.
-
-    The data is fsynced before the rename and the folder after it; without the first, a power
-    loss can keep the rename but not the data (an empty file where the old one was).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a crash before this line leaves the previous file intact
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)           # the rename itself is durable only once the folder is
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str, model: DiffGAP, **extra) -> None:
     """Write {"config", "model", **extra} to path atomically and durably (atomic_write)."""
     state = {"config": asdict(model.config), "model": model.state_dict(), **extra}
@@ -473,7 +449,7 @@ def find_checkpoint(path: str | None) -> str:
 
 
 def save_npy(path: str, x: torch.Tensor) -> None:
-    """Write x as float32 .npy atomically and durably (dg.atomic_write)."""
+    """Write x as float32 .npy atomically and durably (atomic_write)."""
     atomic_write(path, lambda f: np.save(f, x.cpu().numpy().astype(np.float32)))
 
 

@@ -226,7 +226,8 @@ def read_one(path: str, key: Optional[str]) -> tuple[np.ndarray, Optional[np.nda
         return read_named(path, None)[None], None, path
     found = read_keys(path, [key] if key else [], ("ids",))
     if key is None:
-        names = [k for k in found if k not in ("ids", "encoder")]   # "encoder": extract.py's caches
+        # the metadata extract.py writes beside `emb`: encoder, the captions' text and number, the shard
+        names = [k for k in found if k not in ("ids", "encoder", "captions", "caption_no", "shard")]
         if len(names) != 1:
             raise DataError(f"{path}: holds {', '.join(names) or 'no arrays'}; choose one with a_key= / b_key=")
         key = names[0]

@@ -113,3 +113,28 @@ class Dataset:
         parts = [f"{k}: {len(s.a)} audio / {len(s.b)} {self.pair.split('-')[1]}" for k, s in self.splits.items()]
         text = f"{self.spec} ({self.pair}, dims {self.dims[0]}/{self.dims[1]}): " + ", ".join(parts)
         return text + (f"; {self.notes}" if self.notes else "")
+
+
+def atomic_write(path: str, write) -> None:
+    """Call write(f) on a temp file beside path, then make it path: all of it or none of it.
+
+    The data is fsynced before the rename and the folder after it; without the first, a power
+    loss can keep the rename but not the data (an empty file where the old one was).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a crash before this line leaves the previous file intact
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)           # the rename itself is durable only once the folder is
+    finally:
+        os.close(fd)

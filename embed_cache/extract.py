@@ -46,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .arrays import id_hash, read_named
+from .base import atomic_write
 from .base import DataError
 from .encoders import ENCODER_NAMES, LogMelEncoder, fit_length, make_encoder, mel_filterbank  # noqa: F401 (API)
 
@@ -286,31 +287,6 @@ def write_cache(path: str, cache: dict[str, list] | list[str], rows: Optional[li
     if shard is not None:
         arrays["shard"] = np.array(f"{shard[0]}/{shard[1]}")
     atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
-def atomic_write(path: str, write) -> None:
-    """Call write(f) on a temp file beside path, then make it path: all of it or none of it.
-
-    The data is fsynced before the rename and the folder after it; without the first, a power
-    loss can keep the rename but not the data (an empty file where the old cache was).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a crash before this line leaves the previous cache intact
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)           # the rename itself is durable only once the folder is
-    finally:
-        os.close(fd)
 
 
 def in_shard(file_id: str, shard: tuple[int, int]) -> bool:
