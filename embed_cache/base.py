@@ -1,6 +1,6 @@
 """The loader interface: paired embeddings split into train/val/test, with retrieval ground truth.
 
-Modality A is always audio; B is video or text (DESIGN.md 3.6). One A item may own several
+Modality A is always audio; B is video or text. One A item may own several
 B rows (5 captions per audio), so a split stores A and B separately plus, for every B row,
 the A row it belongs to. That one index gives both the training pairs and the one-to-many
 relevance for retrieval in either direction.

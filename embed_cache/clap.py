@@ -1,4 +1,4 @@
-"""LAION-CLAP / MS-CLAP audio and text embeddings (DESIGN.md 5).
+"""LAION-CLAP / MS-CLAP audio and text embeddings.
 
     clap:audio=audio.npy,text=text.npy            (N, D) and (5N, D): captions contiguous,
                                                   text rows 5d..5d+4 belong to audio d

@@ -1,4 +1,4 @@
-"""Per-clip feature files: a folder per modality, and Diff-Foley's CAVP layout (DESIGN.md 5).
+"""Per-clip feature files: a folder per modality, and Diff-Foley's CAVP layout.
 
     dirs:a=feats/audio,b=feats/video[,key=feat,pool=mean]
         each folder holds <id>.npy or <id>.npz files (key `feat` by default), one per clip,

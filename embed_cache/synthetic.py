@@ -74,7 +74,7 @@ class SyntheticConfig:
     preset: str = "default"   # a PRESETS name; its values apply where an option is not given
 
 
-# Regimes beside the default, so that no claim rests on one data design (DESIGN 4).
+# Regimes beside the default, so that no claim rests on one data design.
 PRESETS = {
     "default": {},
     "aligned": dict(salience=0.4, nuisance=0.1, noise=0.05, perception=0.2, n_train=800, n_val=300),

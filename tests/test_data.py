@@ -1,4 +1,4 @@
-"""embed_cache loaders: every layout of DESIGN.md 5, stable splits, and one clear line per bad input."""
+"""embed_cache loaders: every layout they read, stable splits, and one clear line per bad input."""
 import csv
 import json
 import os
