@@ -132,3 +132,15 @@ def test_bootstrap_interval_covers_the_mean_with_the_binomial_width():
     assert 0.045 < hi - lo < 0.07                   # 2 x 1.96 sqrt(0.3 x 0.7 / 1000) = 0.057
     assert ev.bootstrap_interval(torch.ones(50)) == (1.0, 1.0)
     assert ev.bootstrap_interval(hits) == (lo, hi)  # seeded: the same interval every time
+
+
+def test_tied_correct_items_beyond_the_top_10_in_different_chunks_count_the_first():
+    """The streamed metric's second pass ranks the first of two tied correct items, not the later one."""
+    q = torch.tensor([[1.0, 0.0]])
+    g = torch.cat([torch.tensor([[1.0, 0.0]]).repeat(12, 1),       # 12 items ahead of every correct one
+                   torch.tensor([[0.6, 0.8]]).repeat(12, 1)])      # 12 tied items, chunks 8..15 and 16..23
+    rel = torch.zeros(1, 24, dtype=torch.bool)
+    rel[0, [13, 21]] = True                                        # two tied correct items in two chunks
+    m, ranks = dg.retrieval_metrics_from_embeddings(q, g, rel, chunk=8, return_ranks=True)
+    assert ranks.tolist() == [14]                                  # 12 ahead, then item 12 (a lower index)
+    assert m == dg.retrieval_metrics(dg.cosine_scores(q, g), rel)

@@ -36,6 +36,79 @@ def test_embedding_scaling_round_trip_and_unit_variance():
     assert torch.allclose(plain.to_diffusion(e, 0), e * 32 ** 0.5, atol=1e-5)
 
 
+def test_onto_sphere_is_the_round_trip_through_the_embedding_sphere():
+    """onto_sphere(x) = to_diffusion(from_diffusion(x)), for any x, also near the sphere's centre."""
+    torch.manual_seed(0)
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=32, dim_b=32, ema_decay=0)).double()
+    model.fit_stats(torch.randn(500, 32, dtype=torch.float64) + 1.5, torch.randn(500, 32, dtype=torch.float64))
+    mean, scale = model._stats(0)
+    x = torch.randn(6, 32, dtype=torch.float64) * 3
+    x[0] = -scale * mean + 1e-3 * x[0]      # |x / scale + mean| ~ 1e-4: the embedding is near the centre
+    want = model.to_diffusion(model.from_diffusion(x, 0), 0)
+    assert torch.allclose(model.onto_sphere(x, 0), want, atol=1e-9)
+    assert torch.allclose((model.onto_sphere(x, 0) / scale + mean).norm(dim=-1), torch.ones(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+@pytest.mark.parametrize("direction", [0, 1])
+def test_loss_is_the_mse_of_the_objective_at_x_t(objective, direction):
+    """x0 and the condition in diffusion space, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al.
+    eq. 4), the loss the MSE of the prediction against eps, x0 or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+    torch.manual_seed(0)
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=12, hidden=16, inner=8, depth=1, time_dim=8,
+                                        objective=objective)).double()
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.normal_(0, 0.3)
+    model.fit_stats(torch.randn(30, 8, dtype=torch.float64) + 1, torch.randn(30, 12, dtype=torch.float64) - 1)
+    tgt, src = (0, 1) if direction == 0 else (1, 0)
+    target, cond = torch.randn(5, (8, 12)[tgt], dtype=torch.float64), torch.randn(5, (8, 12)[src], dtype=torch.float64)
+    t, eps = torch.tensor([0, 3, 500, 998, 999]), torch.randn(5, (8, 12)[tgt], dtype=torch.float64)
+    drop = torch.tensor([False, True, False, False, True])
+    x0, c = model.to_diffusion(target, tgt), model.to_diffusion(cond, src)
+    ab = model.alpha_bar.double()[t][:, None]
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    want = {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[objective]
+    pred = model.net(x_t, t, c, direction, drop)
+    assert torch.allclose(model.loss(target, cond, direction, t, eps, drop), ((pred - want) ** 2).mean(), rtol=1e-6)
+    assert not torch.allclose(pred, model.net(x_t, t, c, direction))   # the mask is used
+
+
+def test_kernels_setting_routes_the_hidden_step(monkeypatch):
+    """KERNELS: "triton" always calls the kernel (strict), "torch" never, "auto" only for CUDA
+    tensors (so never here); anything else, or "triton" without kernels/, is refused."""
+    h, w, b, temb = torch.randn(3, 8), torch.randn(4, 8), torch.randn(4), torch.randn(3, 4)
+    want = torch.nn.functional.silu(h @ w.T + b + temb)
+    calls = []
+
+    class Kernels:   # stands for kernels/: records the call instead of launching
+        def fused_linear_temb_silu(self, *args, strict):
+            calls.append((args, strict))
+            return "kernel"
+    monkeypatch.setattr(dg, "_kernels", Kernels())
+    monkeypatch.setattr(dg, "KERNELS", "triton")
+    assert dg.hidden_step(h, w, b, temb) == "kernel"
+    assert len(calls) == 1 and all(x is y for x, y in zip(calls[0][0], (h, w, b, temb))) and calls[0][1] is True
+    for mode in ("auto", "torch"):
+        monkeypatch.setattr(dg, "KERNELS", mode)
+        assert torch.allclose(dg.hidden_step(h, w, b, temb), want) and len(calls) == 1
+    monkeypatch.setattr(dg, "KERNELS", "bogus")
+    with pytest.raises(ValueError, match="KERNELS = 'bogus'"):
+        dg.hidden_step(h, w, b, temb)
+    monkeypatch.setattr(dg, "_kernels", None)            # kernels/ or triton not importable
+    for mode in ("auto", "torch"):
+        monkeypatch.setattr(dg, "KERNELS", mode)
+        assert torch.allclose(dg.hidden_step(h, w, b, temb), want)
+    monkeypatch.setattr(dg, "KERNELS", "triton")
+    with pytest.raises(ValueError, match="needs kernels/ and triton"):
+        dg.hidden_step(h, w, b, temb)
+
+
+def test_the_optimiser_is_fused_adam_at_lr_1e_3():
+    opt = dg.make_optimizer(dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, depth=1)))
+    assert type(opt) is torch.optim.Adam and opt.defaults["lr"] == 1e-3 and opt.defaults["fused"] is True
+
+
 def test_adapters_when_dims_differ():
     model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=16, dim_b=24, hidden=32, inner=16, depth=1))
     assert len(model.net.x_in) == 2

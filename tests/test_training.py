@@ -47,6 +47,74 @@ def test_one_direction_only():
     assert dirs == {1}
 
 
+def test_steps_per_epoch_takes_whole_batches_from_1_to_all_pairs():
+    assert [dg.steps_per_epoch(5, bs) for bs in (1, 2, 5)] == [5, 2, 1]
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match=f"batch size {bad} must be between 1 and the number of training pairs"):
+            dg.steps_per_epoch(5, bad)
+
+
+def test_the_derived_seeds_are_fixed():
+    """A checkpoint resumes bit-identically only while (seed, stream, n) -> seed stays the same
+    function, across versions too: blake2b-64 of "seed/stream/n", little-endian, halved (< 2**63)."""
+    assert dg.derived_seed(0, "step", 0) == 7316601067076945981
+    assert dg.derived_seed(3, "epoch", 7) == 1784785678570908734
+    assert dg.derived_seed(0, "translate", 1) == 1972233831384584855
+    # epoch e's order is the permutation drawn from derived_seed(seed, "epoch", e)
+    g = torch.Generator().manual_seed(dg.derived_seed(3, "epoch", 2))
+    assert torch.equal(dg.epoch_order(40, 2, seed=3), torch.randperm(40, generator=g))
+    # the defaults are seed 0's, as train.py's
+    assert torch.equal(dg.epoch_order(40, 2), dg.epoch_order(40, 2, seed=0))
+    assert torch.equal(dg.batch_indices(40, 8, 11), dg.batch_indices(40, 8, 11, seed=0))
+
+
+def record_steps(model, a, b, steps, *args, **kw):
+    """train_steps with a loss that records what each step was given: [(target, cond, direction, t, eps, drop)]."""
+    calls = []
+
+    def loss(*args):
+        calls.append(args)
+        return model(*args)
+    for _ in dg.train_steps(model, a, b, dg.make_optimizer(model), steps, *args, net=loss, **kw):
+        pass
+    return calls
+
+
+def test_each_step_trains_its_batch_and_draws_and_a_share_takes_its_half():
+    """Step s: rows batch_indices(N, B, s, seed), target and condition swapped with the direction,
+    then from one generator seeded by derived_seed(seed, "step", s): t uniform over 0..T-1, eps ~
+    N(0, I) in the model's dtype, the condition dropped with probability p_uncond (None when 0). The
+    draws are pinned, like the seeds: a checkpoint resumes bit-identically across versions only
+    while they stay the same. Under torchrun, share (r, 2) gets the r-th half of the same rows and draws."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 16, generator=g), torch.randn(40, 16, generator=g) + 5
+    fresh = lambda **kw: small_model(**{"timesteps": 10, "p_uncond": 0.25, **kw})
+    torch.manual_seed(0)
+    one = record_steps(fresh(), a, b, 12, 8, start_step=1)            # the default seed, 0
+    for s, (target, cond, d, t, eps, drop) in enumerate(one, start=1):
+        rows = dg.batch_indices(40, 8, s)
+        assert d == (s // 3) % 2
+        assert torch.equal(target, (a, b)[d][rows]) and torch.equal(cond, (b, a)[d][rows])
+        g = torch.Generator().manual_seed(dg.derived_seed(0, "step", s))
+        assert torch.equal(t, torch.randint(0, 10, (8,), generator=g))
+        assert torch.equal(eps, torch.randn((8, 16), generator=g))
+        assert torch.equal(drop, torch.rand(8, generator=g) < 0.25)
+    t, eps, drop = (torch.cat([c[i] for c in one]) for i in (3, 4, 5))
+    assert t.min() == 0 and t.max() == 9 and len(t.unique()) == 10         # all of 0..T-1 and nothing else
+    assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1) < 0.05
+    assert 0.15 < drop.float().mean().item() < 0.35                        # 96 draws, p_uncond 0.25
+    other_seed = record_steps(fresh(), a, b, 1, 8, start_step=1, seed=1)[0]
+    assert not torch.equal(other_seed[0], one[0][0]) and not torch.equal(other_seed[3], one[0][3])
+    halves = [record_steps(fresh(), a, b, 12, 8, start_step=1, share=(r, 2)) for r in (0, 1)]
+    for s in range(12):
+        for i in (0, 1, 3, 4, 5):
+            assert torch.equal(torch.cat([halves[0][s][i], halves[1][s][i]]), one[s][i])
+    # the defaults (batch 64), no condition dropout, a float64 model
+    big_a, big_b = torch.randn(70, 16, dtype=torch.float64), torch.randn(70, 16, dtype=torch.float64)
+    target, _, _, t, eps, drop = record_steps(fresh(p_uncond=0.0).double(), big_a, big_b, 1)[0]
+    assert len(target) == 64 and drop is None and eps.dtype == torch.float64
+
+
 def test_unpaired_rows_are_refused():
     model = small_model()
     with pytest.raises(ValueError, match="paired"):
