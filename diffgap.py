@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -25,11 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-try:  # optional Triton kernels, this project's only (a PyPI distribution is also called `kernels`)
-    import kernels as _kernels
-    if not hasattr(_kernels, "DIFFGAP_KERNELS"):
-        _kernels = None
-except Exception:  # absent, or triton cannot be imported here
+_kernels = None   # optional Triton kernels: kernels/ in a checkout, diffgap_kernels once installed,
+for _name in ("kernels", "diffgap_kernels"):   # and only this project's (a PyPI package is called `kernels`)
+    try:
+        _kernels = importlib.import_module(_name)
+    except Exception:  # absent, or triton cannot be imported here
+        continue
+    if hasattr(_kernels, "DIFFGAP_KERNELS"):
+        break
     _kernels = None
 
 
@@ -92,9 +96,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-# "auto": the Triton kernels for CUDA tensors, torch otherwise; "torch"; "triton": the kernels for
-# every tensor, and an error instead of a fallback if they fail their check on first use (README)
-KERNELS = "auto"
+KERNELS = "auto"  # "auto": the kernels on CUDA tensors; "torch"; "triton": always, no fallback (README)
 
 
 def hidden_step(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
