@@ -88,7 +88,8 @@ def test_kernels_setting_routes_the_hidden_step(monkeypatch):
     monkeypatch.setattr(dg, "_kernels", Kernels())
     monkeypatch.setattr(dg, "KERNELS", "triton")
     assert dg.hidden_step(h, w, b, temb) == "kernel"
-    assert len(calls) == 1 and all(x is y for x, y in zip(calls[0][0], (h, w, b, temb))) and calls[0][1] is True
+    assert len(calls) == 1 and len(calls[0][0]) == 4 and calls[0][1] is True
+    assert all(x is y for x, y in zip(calls[0][0], (h, w, b, temb)))
     for mode in ("auto", "torch"):
         monkeypatch.setattr(dg, "KERNELS", mode)
         assert torch.allclose(dg.hidden_step(h, w, b, temb), want) and len(calls) == 1
@@ -107,6 +108,7 @@ def test_kernels_setting_routes_the_hidden_step(monkeypatch):
 def test_the_optimiser_is_fused_adam_at_lr_1e_3():
     opt = dg.make_optimizer(dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, depth=1)))
     assert type(opt) is torch.optim.Adam and opt.defaults["lr"] == 1e-3 and opt.defaults["fused"] is True
+    assert dg.make_optimizer(dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8)), 0.5).defaults["lr"] == 0.5
 
 
 def test_adapters_when_dims_differ():
@@ -126,6 +128,16 @@ def test_direction_embedding_can_be_switched_off():
     off = dg.DiffGAP(dg.DiffGAPConfig(hidden=32, inner=16, depth=1, dim_a=8, dim_b=8, direction_embedding=False))
     assert on.net.dir_emb is not None and off.net.dir_emb is None
     assert on.num_params() - off.num_params() == 2 * 16
+
+
+def test_the_state_dict_holds_weights_only_and_ema_only_when_on():
+    """Checkpoints hold the learned weights, the EMA copy when ema_decay > 0, and the embedding
+    means; the timestep features are recomputed (a checkpoint without them must keep loading)."""
+    on = dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, depth=1, ema_decay=0.5)).state_dict()
+    off = dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, depth=1, ema_decay=0.0))
+    assert off.ema is None and not any(k.startswith("ema.") for k in off.state_dict())
+    assert {k[4:] for k in on if k.startswith("ema.")} == {k[4:] for k in on if k.startswith("net.")}
+    assert not any("time_features" in k for k in on)
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):

@@ -46,6 +46,41 @@ def test_cosine_schedule_golden_values():
     assert s["posterior_variance"][0].item() == 0.0
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedules_are_computed_in_float64(kind):
+    """Every value is the float64 result rounded once to float32: a float32 cumulative product
+    would drift by ~1e-5 relative over 1000 steps (and alpha_bar_{T-1} of cosine is ~6e-9)."""
+    T = 1000
+    if kind == "linear":
+        betas = [1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
+    else:
+        f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = [min(1 - f(t + 1) / f(t), 0.999) for t in range(T)]
+    s = dg.make_schedule(kind, T)
+    prod = 1.0
+    for t, b in enumerate(betas):
+        prev, prod = prod, prod * (1 - b)
+        if t % 37 == 0 or t >= T - 2:
+            assert s["alpha"][t].item() == pytest.approx(1 - b, rel=1e-7, abs=0)
+            assert s["alpha_bar"][t].item() == pytest.approx(prod, rel=1e-7, abs=0)
+            assert s["alpha_bar_prev"][t].item() == pytest.approx(prev, rel=1e-7, abs=0)
+            assert s["sqrt_alpha_bar"][t].item() == pytest.approx(math.sqrt(prod), rel=1e-7, abs=0)
+            assert s["sqrt_one_minus_alpha_bar"][t].item() == pytest.approx(math.sqrt(1 - prod), rel=1e-7, abs=0)
+    assert sorted(s) == sorted(["beta", "alpha", "alpha_bar", "alpha_bar_prev", "sqrt_alpha_bar",
+                                "sqrt_one_minus_alpha_bar", "posterior_variance"])
+
+
+def test_timestep_embedding_is_the_sinusoidal_one():
+    """[cos(t w_i), sin(t w_i)], w_i = 10000^(-i / half), i < half = dim / 2 (Vaswani et al.)."""
+    t = torch.tensor([0, 1, 17, 999])
+    emb = dg.timestep_embedding(t, 8)
+    assert emb.shape == (4, 8)
+    for row, step in zip(emb, t.tolist()):
+        w = [10000 ** (-i / 4) for i in range(4)]
+        want = [math.cos(step * x) for x in w] + [math.sin(step * x) for x in w]
+        assert row.tolist() == pytest.approx(want, abs=1e-4)
+
+
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="unknown schedule"):
         dg.make_schedule("sigmoid", 10)

@@ -63,6 +63,7 @@ def test_the_derived_seeds_are_fixed():
     # epoch e's order is the permutation drawn from derived_seed(seed, "epoch", e)
     g = torch.Generator().manual_seed(dg.derived_seed(3, "epoch", 2))
     assert torch.equal(dg.epoch_order(40, 2, seed=3), torch.randperm(40, generator=g))
+    assert torch.equal(dg.batch_indices(40, 8, 11, seed=3), dg.epoch_order(40, 2, seed=3)[8:16])   # epoch 2, batch 1
     # the defaults are seed 0's, as train.py's
     assert torch.equal(dg.epoch_order(40, 2), dg.epoch_order(40, 2, seed=0))
     assert torch.equal(dg.batch_indices(40, 8, 11), dg.batch_indices(40, 8, 11, seed=0))
@@ -113,6 +114,21 @@ def test_each_step_trains_its_batch_and_draws_and_a_share_takes_its_half():
     big_a, big_b = torch.randn(70, 16, dtype=torch.float64), torch.randn(70, 16, dtype=torch.float64)
     target, _, _, t, eps, drop = record_steps(fresh(p_uncond=0.0).double(), big_a, big_b, 1)[0]
     assert len(target) == 64 and drop is None and eps.dtype == torch.float64
+
+
+def test_a_directions_own_layers_rest_while_the_other_direction_trains():
+    """Unequal dims: B->A steps use x_in[0], out[0] and c_in[1] only. During the A->B phase those
+    get no gradient, and Adam leaves them as they are (a zeroed gradient instead of none would
+    let their momentum keep moving them)."""
+    torch.manual_seed(0)
+    model = small_model(dim_b=24, switch_every=2, ema_decay=0.0)
+    a, b = torch.randn(32, 16), torch.randn(32, 24)
+    steps = dg.train_steps(model, a, b, dg.make_optimizer(model, 1e-2), 4, 8)
+    own = lambda: [p.clone() for m in (model.net.x_in[0], model.net.out[0], model.net.c_in[1]) for p in m.parameters()]
+    next(steps), next(steps)                      # steps 0 and 1: B->A, moving them
+    before = own()
+    next(steps), next(steps)                      # steps 2 and 3: A->B
+    assert all(torch.equal(x, y) for x, y in zip(before, own()))
 
 
 def test_unpaired_rows_are_refused():
