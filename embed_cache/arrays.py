@@ -150,7 +150,8 @@ def load_torch_file(path: str):
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+) was not an allowed global|but got <class '([^']+)'>", str(e))
         what = next(filter(None, found.groups())) if found else "an object that is not plain data"
-        what = "a numpy array of dtype object" if what.endswith("ObjectDType") else what
+        if what.endswith(("ObjectDType", "dtype[object_]")):   # numpy 2.x, 1.x names of the object dtype's class
+            what = "a numpy array of dtype object"
         raise DataError(f"{path}: holds {what}, which is not read (only tensors, numpy arrays of numbers or strings "
                         f"and plain containers are: rebuilding other objects could run code)") from None
     except Exception as e:   # a truncated or corrupt zip, an unreadable member: all mean "unreadable"

@@ -28,7 +28,7 @@ def test_dependencies_match_requirements_txt():
         text = f.read()
     dependencies, test_extra = toml_string_array(text, "dependencies"), toml_string_array(text, "test")
     if sys.version_info >= (3, 11):   # the small reader agrees with a real TOML parser
-        import tomllib
+        import tomllib   # novermin (3.11+, behind the version check)
         project = tomllib.loads(text)["project"]
         assert (dependencies, test_extra) == (project["dependencies"], project["optional-dependencies"]["test"])
         assert project["requires-python"] == ">=3.10"
