@@ -11,8 +11,9 @@ never on the checkout, and it is long (about an hour on 2 cores), so it is not p
     python benchmarks/mutation.py --report         # killed / tested, and every survivor's diff
 
 Each run stops after --minutes (Ctrl-C-like, the results so far are kept) and the next one goes
-on where it stopped, with the checkout's tests as they are then; --retest runs the survivors
-again (after a test was added for them); --fresh starts over from the checkout's current files. Each test process
+on where it stopped, with the checkout's tests as they are then; --retest marks the survivors
+untested (after a test was added for them) and goes on like a plain run; --fresh starts over
+from the checkout's current files. Each test process
 uses one thread (OMP_NUM_THREADS=1): mutmut forks them from a warm process, and --jobs of them
 run at once. results/README.md ("Mutation testing") has the figure and why each survivor is
 harmless or which test now catches it.
@@ -90,12 +91,12 @@ def refresh_tests(src: str) -> None:
             shutil.copy2(os.path.join(ROOT, "tests", name), os.path.join(src, "tests", name))
 
 
-def run(src: str, minutes: float, jobs: int, names=()) -> None:
-    """mutmut run (of `names`, or of every mutant not yet tested) for at most `minutes`;
+def run(src: str, minutes: float, jobs: int) -> None:
+    """mutmut run of every mutant not yet tested, for at most `minutes`;
     interrupted, it keeps every result it has. Its progress goes to mutmut.log beside src."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     log = open(os.path.join(os.path.dirname(src), "mutmut.log"), "a")
-    proc = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *names], cwd=src,
+    proc = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)], cwd=src,
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         proc.wait(timeout=60 * minutes)
@@ -151,7 +152,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="test processes at once (default: the cores)")
     p.add_argument("--fresh", action="store_true", help="forget earlier results and copy the checkout again")
     p.add_argument("--report", action="store_true", help="print the figure and the survivors, run nothing")
-    p.add_argument("--retest", action="store_true", help="run the survivors again, with the checkout's tests as they are now")
+    p.add_argument("--retest", action="store_true", help="test the survivors again, with the checkout's tests as they are now")
     args = p.parse_args()
     try:
         import mutmut
@@ -168,14 +169,17 @@ def main() -> int:
     if not os.path.exists(src):
         copy_checkout(src)
     refresh_tests(src)
-    survivors = []
-    if args.retest:
+    if args.retest:   # their verdicts forgotten, the survivors are tested again like new ones, resumably
+        meta = os.path.join(src, "mutants", "diffgap.py.meta")
+        record = json.load(open(meta))
         survivors = [n for n, s in results(src).items() if s not in ("killed", "timeout", "not checked")]
+        for name in survivors:
+            record["exit_code_by_key"][name] = None
+        with open(meta, "w") as f:
+            json.dump(record, f)
         print(f"testing again the {len(survivors)} mutants that survived, with the checkout's tests")
-        if not survivors:
-            return 0
     t0 = time.monotonic()
-    run(src, args.minutes, args.jobs, survivors)
+    run(src, args.minutes, args.jobs)
     done = results(src)
     left = sum(1 for s in done.values() if s in ("not checked", "check was interrupted by user"))
     print(f"{len(done) - left} of {len(done)} mutants tested in total ({time.monotonic() - t0:.0f} s this run)"
