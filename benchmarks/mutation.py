@@ -4,7 +4,8 @@ mutmut (pinned below) changes one thing at a time in diffgap.py's sections 1-4 (
 denoiser, diffusion, training loop; the metrics of section 5 and the raise lines, which only
 build messages, are left alone) and runs the tests that cover the changed function, fastest
 first; a mutant is killed when a test fails. It works on a copy of the repository in --work,
-never on the checkout, and it is long (about an hour on 2 cores), so it is not part of CI:
+never on the checkout, and it is long (a first pass takes about 40 minutes on 2 cores), so it
+is not part of CI:
 
     pip install mutmut==3.8.1
     python benchmarks/mutation.py --minutes 10     # repeat until it says "all mutants tested"
