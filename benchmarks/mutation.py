@@ -14,9 +14,8 @@ is not part of CI:
 Each run stops after --minutes (Ctrl-C-like, the results so far are kept) and the next one goes
 on where it stopped, with the checkout's tests as they are then; --retest marks the survivors
 untested (after a test was added for them) and goes on like a plain run; --fresh starts over
-from the checkout's current files. Each test process
-uses one thread (OMP_NUM_THREADS=1): mutmut forks them from a warm process, and --jobs of them
-run at once. results/README.md ("Mutation testing") has the figure and why each survivor is
+from the checkout's current files. Each test process uses one thread (OMP_NUM_THREADS=1):
+mutmut forks them from a warm process, and --jobs of them run at once. results/README.md ("Mutation testing") has the figure and why each survivor is
 harmless or which test now catches it.
 """
 from __future__ import annotations
