@@ -94,9 +94,10 @@ def test_an_object_array_in_a_pt_file_is_refused(tmp_path):
 
 def test_the_numpy_allowlist_is_lifted_after_each_load(tmp_path):
     torch.save({"a": rand(50), "b": rand(50, seed=1)}, tmp_path / "pairs.pt")
-    before = list(torch.serialization.get_safe_globals())
     embed_cache.load(str(tmp_path / "pairs.pt"), "audio-video")
-    assert list(torch.serialization.get_safe_globals()) == before
+    left = [g for g in torch.serialization.get_safe_globals()   # torch registers some of its own lazily
+            if "numpy" in str(getattr(g[0] if isinstance(g, tuple) else g, "__module__", ""))]
+    assert left == []
     with pytest.raises(Exception, match="numpy"):   # a plain weights-only load still refuses numpy arrays
         torch.load(tmp_path / "pairs.pt", weights_only=True)
 
