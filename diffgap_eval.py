@@ -35,6 +35,9 @@ from embed_cache.base import atomic_write
 from diffgap import DiffGAP, DiffGAPConfig, retrieval_metrics_from_embeddings
 
 DIRECTIONS = {0: "B->A", 1: "A->B"}
+DIRECTION_CHOICES = ("both", "b2a", "a2b")    # --direction: both ways, B->A only, A->B only
+PAIRS = ("audio-video", "audio-text")
+
 # Classifier-free guidance scale for the samples whose mean ranks the gallery. Chosen on the
 # validation split of synthetic seed 0 among 1-16 and confirmed on held-out seeds 3 and 4
 # (results/README.md, "Guidance scale"). Generation keeps guidance 1.
@@ -363,8 +366,34 @@ def save_checkpoint(path: str, model: DiffGAP, **extra) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str, map_location="cpu") -> tuple[DiffGAP, dict]:
-    """Rebuild the model from a checkpoint; raises ValueError naming the file if it is unusable."""
+def _is_int(v, lo: int) -> bool:
+    return type(v) is int and v >= lo
+
+
+# What train.py keeps beside the weights, and what each value must be. A checkpoint is user
+# input (hand-edited, written by other code): a wrong entry is one line naming the file here,
+# not a KeyError or TypeError deep inside a command.
+CHECKPOINT_ENTRIES = {
+    "step": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "pair": (lambda v: v in PAIRS, " or ".join(map(repr, PAIRS))),
+    "data": (lambda v: isinstance(v, str) and v != "", "a data spec (a non-empty string)"),
+    "epochs": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "batch_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "lr": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a finite number > 0"),
+    "seed": (lambda v: _is_int(v, -2**63), "an integer"),
+    "direction": (lambda v: v in DIRECTION_CHOICES, " or ".join(map(repr, DIRECTION_CHOICES))),
+    "compile": (lambda v: type(v) is bool, "True or False"),
+    "optimizer": (lambda v: isinstance(v, dict) and {"state", "param_groups"} <= v.keys(), "an optimizer state dict"),
+}
+
+
+def load_checkpoint(path: str, map_location="cpu", needs: tuple[str, ...] = ()) -> tuple[DiffGAP, dict]:
+    """Rebuild the model from a checkpoint: (model, the checkpoint's dict).
+
+    Every entry of CHECKPOINT_ENTRIES that is present is checked, and those named in `needs`
+    must be present. Raises FileNotFoundError if there is no file, ValueError naming the file
+    if it is unreadable, a config or weights do not fit, an entry is missing or wrong, or a
+    weight is not finite."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
@@ -373,6 +402,13 @@ def load_checkpoint(path: str, map_location="cpu") -> tuple[DiffGAP, dict]:
         model.load_state_dict(ckpt["model"])
     except Exception as e:  # truncated zip, wrong keys, wrong shapes: all mean "not usable"
         raise ValueError(f"{path}: not a usable diffgap checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    for key, (valid, expected) in CHECKPOINT_ENTRIES.items():
+        if key not in ckpt:
+            if key in needs:
+                raise ValueError(f"{path}: no {key!r} entry, which this command needs (train.py writes it)")
+        elif not valid(ckpt[key]):
+            shown = repr(ckpt[key]) if not isinstance(ckpt[key], dict) else "a dict without 'state' and 'param_groups'"
+            raise ValueError(f"{path}: entry {key!r} is {shown[:80]}; expected {expected}")
     bad = non_finite(model.state_dict())
     if bad:
         raise ValueError(f"{path}: {bad} (a diverged run): retrain, e.g. with a lower learning rate")

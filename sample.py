@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--export-gallery", metavar="DIR",
                    help="write the evaluated split's gallery vectors of the chosen score (unit rows, .npy), their "
                         "ids and index.json, for any inner-product index; queries: diffgap_eval.query_vectors")
-    p.add_argument("--direction", choices=["both", "b2a", "a2b"], default="both")
+    p.add_argument("--direction", choices=ev.DIRECTION_CHOICES, default="both")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--data", help="data spec to evaluate on (default: the one stored in the checkpoint)")
     p.add_argument("--cond", help="FILE.npy of condition embeddings (N, D) to generate for (needs --out)")
@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     ev.set_kernels(args.kernels, device)
     torch.manual_seed(args.seed)
     path = ev.find_checkpoint(args.ckpt)
-    model, ckpt = ev.load_checkpoint(path)
+    needs = () if args.cond else ("step", "pair") + (() if args.data else ("data",))
+    model, ckpt = ev.load_checkpoint(path, needs=needs)
     model.to(device).eval()
     directions = {"both": (0, 1), "b2a": (0,), "a2b": (1,)}[args.direction]
     if args.cond:

@@ -56,7 +56,7 @@ RUN_OPTIONS = {  # option: (default, where the checkpoint keeps it)
 
 def parse_args(argv=None):
     p = ArgParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", choices=["audio-video", "audio-text"], default="audio-video")
+    p.add_argument("--pair", choices=ev.PAIRS, default="audio-video")
     p.add_argument("--data",
                    help="data spec: synthetic[:seed=N], A.npy,B.npy, pairs.npz, clap:..., cavp:..., arrays:..., "
                         "dirs:... or spec.json (README: Your own embeddings); default synthetic")
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=number(float, 0, lo_open=True),
                    help="Adam learning rate, default 1e-3 (paper: 2e-4 over ~94k steps)")
     p.add_argument("--switch-every", type=number(int, 1), help="m: steps per direction phase, default 500 (paper: 5000)")
-    p.add_argument("--direction", choices=["both", "b2a", "a2b"], help="default both")
+    p.add_argument("--direction", choices=ev.DIRECTION_CHOICES, help="default both")
     p.add_argument("--objective", choices=["eps", "x0", "v"], help="default v")
     p.add_argument("--schedule", choices=["cosine", "linear"], help="default cosine")
     p.add_argument("--p-uncond", type=number(float, 0, 1, hi_open=True),
@@ -175,9 +175,9 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     ckpt = None
     if args.resume:
         resume_path = ckpt_path if args.resume == "auto" else args.resume
-        model, ckpt = ev.load_checkpoint(resume_path)
-        if ckpt.get("pair") != args.pair:
-            raise ValueError(f"{resume_path}: checkpoint is for --pair {ckpt.get('pair')}, not {args.pair}")
+        model, ckpt = ev.load_checkpoint(resume_path, needs=("optimizer", "step", "pair", "data", "batch_size", "lr"))
+        if ckpt["pair"] != args.pair:
+            raise ValueError(f"{resume_path}: checkpoint is for --pair {ckpt['pair']}, not {args.pair}")
     settle_run_options(args, ckpt)
     torch.manual_seed(args.seed)   # the initial weights; training draws from (seed, step) itself
     data = embed_cache.load(args.data, args.pair)
@@ -205,7 +205,11 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     optimizer = dg.make_optimizer(model, args.lr)
     start_step = 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:   # another model's state, or a damaged one
+            raise ValueError(f"{resume_path}: its optimizer state does not fit the model ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160]})") from None
         start_step = ckpt["step"]
 
     args.epochs, why = training_length(args, per_epoch)

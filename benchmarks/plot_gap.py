@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     path = find_checkpoint(args.ckpt)
-    model, ckpt = ev.load_checkpoint(path)
+    model, ckpt = ev.load_checkpoint(path, needs=("step", "pair", "data"))
     model.eval()
     data = embed_cache.load(ckpt["data"], ckpt["pair"])
     if data.dims[0] != data.dims[1]:

@@ -1,5 +1,6 @@
 """The model: scaling into diffusion space, shapes, parameter budget, checkpoints, standalone use."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -197,3 +198,16 @@ def test_diffgap_py_works_alone(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().endswith("ok 1 (3, 8)")
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("switch_every", 0, "switch_every must be an integer >= 1, got 0"), ("depth", 1.0, "depth must be an integer"),
+    ("dim_a", True, "dim_a must be an integer"), ("time_dim", 9, "time_dim must be even"),
+    ("timesteps", -5, "timesteps must be an integer >= 1"), ("schedule", "sigmoid", "unknown schedule 'sigmoid'"),
+    ("objective", "score", "unknown objective 'score'"), ("p_uncond", 1.0, "p_uncond must be a number in [0, 1)"),
+    ("ema_decay", -0.1, "ema_decay must be a number in [0, 1)"), ("p_uncond", "0.1", "p_uncond must be a number"),
+])
+def test_a_config_that_cannot_train_is_refused_when_made(field, value, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        dg.DiffGAPConfig(**{field: value})
+    dg.DiffGAPConfig(**{field: getattr(dg.DiffGAPConfig(), field)})   # the default of the same field is fine

@@ -262,3 +262,87 @@ def test_a_damaged_index_json_is_one_line_naming_it(tmp_path):
     (tmp_path / "index.json").write_bytes(b"\xff\xfe not json")
     with pytest.raises(ValueError, match=r"index.json: not an index.json written by --export-gallery"):
         ev.export_gallery(str(tmp_path), split, 0, "two-way", tr, {"num_samples": 2, "steps": 5, "guidance": 1.0})
+
+
+# -- a checkpoint is user input: every entry a command reads is checked, naming the file --------
+SPEC = "synthetic:dim=16,rank=4,classes=8,n_train=64,n_val=16,n_test=16"
+MISSING = object()
+
+
+def write_checkpoint(path, **change):
+    """A checkpoint as train.py writes it (tiny model, SPEC's dims), with entries changed or removed."""
+    torch.manual_seed(0)
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=16, dim_b=16, hidden=16, inner=8, depth=1, time_dim=8))
+    entries = dict(optimizer=dg.make_optimizer(model).state_dict(), step=4, pair="audio-video", data=SPEC, epochs=1,
+                   batch_size=16, lr=1e-3, seed=0, direction="both", compile=False)
+    ev.save_checkpoint(str(path), model, **entries)
+    ckpt = torch.load(path, weights_only=True)
+    for key, value in change.items():
+        where, key = (ckpt["config"], key[7:]) if key.startswith("config.") else (ckpt, key)
+        if value is MISSING:
+            del where[key]
+        else:
+            where[key] = value
+    torch.save(ckpt, path)
+
+
+def one_error_line(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as stop:
+        ev.run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+BAD_ENTRIES = [   # (entry, value), and the words the line must hold
+    ("step", MISSING, "no 'step' entry"), ("step", "x", "entry 'step' is 'x'; expected an integer >= 0"),
+    ("step", -1, "entry 'step' is -1"), ("step", 2.5, "entry 'step' is 2.5"),
+    ("pair", MISSING, "no 'pair' entry"), ("pair", "audio-image", "entry 'pair' is 'audio-image'"),
+    ("data", MISSING, "no 'data' entry"), ("data", 3, "entry 'data' is 3; expected a data spec"),
+    ("config.switch_every", 0, "switch_every must be an integer >= 1, got 0"),
+    ("config.time_dim", 7, "time_dim must be even"),
+    ("config.p_uncond", 1.5, "p_uncond must be a number in [0, 1), got 1.5"),
+]
+
+
+@pytest.mark.parametrize("key,value,words", BAD_ENTRIES)
+def test_a_bad_checkpoint_entry_is_one_line_naming_the_file_in_sample_and_resume(tmp_path, capsys, key, value, words):
+    import sample
+    import train
+    path = tmp_path / "audio-video" / "ckpt.pt"
+    path.parent.mkdir()
+    write_checkpoint(path, **{key: value})
+    for main, argv in ((sample.main, ["--ckpt", str(path), "--device", "cpu"]),
+                       (train.main, ["--resume", str(path), "--out", str(tmp_path), "--device", "cpu"])):
+        err = one_error_line(capsys, main, argv)
+        assert err.startswith(f"error: {path}: ") and words in err, err
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("optimizer", MISSING, "no 'optimizer' entry"), ("optimizer", {"lr": 1}, "entry 'optimizer' is a dict without"),
+    ("lr", float("nan"), "entry 'lr' is nan"), ("batch_size", 0, "entry 'batch_size' is 0"),
+    ("epochs", "30", "entry 'epochs' is '30'"), ("direction", "up", "entry 'direction' is 'up'"),
+    ("compile", "yes", "entry 'compile' is 'yes'"), ("seed", 1.5, "entry 'seed' is 1.5"),
+])
+def test_the_entries_only_resume_reads_are_checked_too(tmp_path, capsys, key, value, words):
+    import train
+    path = tmp_path / "audio-video" / "ckpt.pt"
+    path.parent.mkdir()
+    write_checkpoint(path, **{key: value})
+    err = one_error_line(capsys, train.main, ["--resume", str(path), "--out", str(tmp_path), "--device", "cpu"])
+    assert err.startswith(f"error: {path}: ") and words in err, err
+
+
+def test_another_models_optimizer_state_is_one_line_on_resume(tmp_path, capsys):
+    import train
+    path = tmp_path / "audio-video" / "ckpt.pt"
+    path.parent.mkdir()
+    other = dg.DiffGAP(dg.DiffGAPConfig(dim_a=16, dim_b=16, hidden=16, inner=8, depth=2, time_dim=8))
+    write_checkpoint(path, optimizer=dg.make_optimizer(other).state_dict())
+    err = one_error_line(capsys, train.main, ["--resume", str(path), "--out", str(tmp_path), "--device", "cpu"])
+    assert err.startswith(f"error: {path}: its optimizer state does not fit the model"), err
+    # the unchanged checkpoint resumes (the entries above are what train.py writes)
+    write_checkpoint(path)
+    with pytest.raises(SystemExit) as stop:
+        ev.run_cli(lambda: train.main(["--resume", str(path), "--out", str(tmp_path), "--device", "cpu", "--no-eval"]))
+    assert stop.value.code == 0, capsys.readouterr().err
