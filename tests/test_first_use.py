@@ -78,7 +78,7 @@ def topk_inputs(seed=0):
 # what each public function computes on its torch path, and through the kernels
 FUSED_TORCH = lambda inputs: fused_run(kernels.fused_linear_temb_silu_reference, inputs)
 TOPK_TORCH = lambda q, g: kernels.cosine_topk_torch(q, g, 10)
-TOPK_API = lambda q, g, strict=False: kernels.cosine_topk(q, g, 10, backend="triton", strict=strict)
+TOPK_API = lambda q, g, **strict: kernels.cosine_topk(q, g, 10, backend="triton", **strict)   # strict's default unless given
 
 
 def test_a_correct_kernel_passes_and_changes_no_result():
@@ -130,6 +130,7 @@ WRONG = {   # kernel, output argument, corruption: each a plausible miscompile
     "fused forward": ("fused_fwd", 4, lambda y: y.add_(0.5)),          # y
     "fused backward": ("fused_bwd", 2, lambda dz: dz.mul_(1.5)),       # dz: dx and dW go wrong, db does not
     "top-k": ("cosine_topk", 5, lambda idx: idx.add_(1)),              # indices
+    "top-k values": ("cosine_topk", 4, lambda v: v.add_(1e-3)),        # values only, indices right
 }
 
 
@@ -152,7 +153,7 @@ def test_a_failing_kernel_warns_once_and_the_torch_path_takes_over(case, fault, 
     assert first_use.device_name(torch.empty(0, device=DEVICE).device) in msg and f"Triton {kernels.first_use.triton.__version__}" in msg
     assert "using the torch path for the rest of this process" in msg
     if fault == "wrong result":
-        name = {"fused forward": "in y ", "fused backward": "in dW ", "top-k": "in indices "}[case]
+        name = {"fused forward": "in y ", "fused backward": "in dW ", "top-k": "in indices ", "top-k values": "in values "}[case]
         assert "max error" in msg and name in msg, msg
     else:
         assert "failed to compile or run" in msg and "RuntimeError: injected launch failure" in msg, msg
@@ -211,3 +212,43 @@ def test_diffgap_kernels_triton_raises_and_auto_on_cuda_falls_back(monkeypatch):
         first_use.reset()
         with pytest.warns(KernelFallbackWarning):
             next(dg.train_steps(model, a, b, opt, 1, 16, seed=0))
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_each_dtype_is_checked_at_its_own_tolerance(precision, monkeypatch):
+    """TF32 loosens fp32's tolerance to fp16's, and changes no other dtype's."""
+    monkeypatch.setattr(kernels, "fp32_dot_precision", lambda: precision)
+    want = {torch.float32: 1e-5 if precision == "ieee" else 2e-2, torch.float16: 2e-2, torch.bfloat16: 6e-2,
+            torch.float64: 1e-9}
+    assert {dtype: first_use.tolerance(dtype) for dtype in want} == want
+
+
+def test_the_autograd_function_falls_back_by_default_when_its_backward_fails(monkeypatch):
+    """FusedLinearTembSiLU.apply without `strict` (autograd passes no keywords): a failing backward
+    launch warns once and computes dz in torch, as the public function does."""
+    inputs = fused_inputs()
+    inject(monkeypatch, "fused_bwd", dict(error=RuntimeError("injected backward failure")))
+    with pytest.warns(KernelFallbackWarning, match="injected backward failure"):
+        got = fused_run(lambda *a: fused_mlp.FusedLinearTembSiLU.apply(*a), inputs)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(got, FUSED_TORCH(inputs)))
+
+
+def test_a_top_k_launch_error_after_a_passed_check_falls_back(monkeypatch):
+    q, g = topk_inputs()
+    want = TOPK_TORCH(q, g)
+    v, i = TOPK_API(q, g)                             # the check passes, the kernel answers
+    assert torch.equal(i, want[1]) and torch.allclose(v, want[0], atol=1e-5)
+    inject(monkeypatch, "cosine_topk", dict(error=RuntimeError("injected top-k failure")))
+    with pytest.warns(KernelFallbackWarning, match="failed to compile or launch: RuntimeError: injected top-k"):
+        got = TOPK_API(q, g)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(KernelCheckError, match="injected top-k failure"):
+        TOPK_API(q, g, strict=True)
+
+
+def test_max_error_allows_tol_up_to_magnitude_1_and_relative_beyond():
+    ref = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    assert first_use.max_error(ref + 1.5e-5, ref, 1e-5) == (pytest.approx(1.5e-5), 1e-5)         # fails at 1e-5
+    assert first_use.max_error(ref * 100, ref * 100, 1e-5)[1] == pytest.approx(1e-3)             # 100 x tol
+    assert first_use.max_error(ref * 100 + 0.5, ref * 100, 1e-5, scale=False)[1] == 1e-5
+    assert first_use.max_error(ref[:1], ref, 1e-5)[0] != first_use.max_error(ref[:1], ref, 1e-5)[0]   # NaN: shapes

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +102,13 @@ def test_fused_step_gradcheck_fp64(launches):
     inputs[3] = inputs[3][0].detach().requires_grad_()   # broadcast temb
     assert torch.autograd.gradcheck(fused, inputs, eps=1e-6, atol=1e-5)
     assert launches["fused_fwd"].launches > 0 and launches["fused_bwd"].launches > 0
+    # fp64 all the way (the column sums too): equal to torch's fp64 gradients to ~1e-15, where
+    # gradcheck's finite differences could not tell an fp32 sum from an fp64 one
+    for rows in (True, False):
+        ins = [p.detach().double().requires_grad_() for p in make_inputs(130, 40, 150, torch.float64, rows=rows)]
+        got = torch.autograd.grad(fused(*ins).sum(), ins)
+        want = torch.autograd.grad(kernels.fused_linear_temb_silu_reference(*ins).sum(), ins)
+        assert all(torch.allclose(a, b, atol=1e-12, rtol=1e-12) for a, b in zip(got, want)), rows
 
 
 def test_fused_step_without_grad_stores_nothing_extra(launches, monkeypatch):
@@ -114,12 +122,102 @@ def test_fused_step_without_grad_stores_nothing_extra(launches, monkeypatch):
     assert torch.allclose(y, kernels.fused_linear_temb_silu_reference(x, w, b, t), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_torch_fallback_of_the_backward_equals_the_kernel(dtype):
+    """_dz_torch (used when the backward kernel fails to launch) accumulates like the kernel:
+    fp32 for fp32 inputs, fp64 for fp64 ones."""
+    g = torch.Generator().manual_seed(3)
+    dy, z = (torch.randn(130, 150, generator=g).to(DEVICE, dtype) for _ in range(2))
+    (dz_k, col_k), (dz_t, col_t) = fused_mlp.fused_backward_dz(dy, z), fused_mlp._dz_torch(dy, z)
+    assert dz_t.dtype == dtype and col_t.dtype == col_k.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(dz_t, dz_k, atol=tol) and torch.allclose(col_t, col_k, atol=tol * 100)
+
+
+def test_cosine_topk_takes_the_kernel_where_it_should(launches):
+    """backend "auto": the kernel for CUDA tensors only; "triton": the kernel up to k = K_MAX (the
+    first-use check launches it too, once), the torch path beyond."""
+    q, g = gallery_with_ties_and_zeros(12, 200, 16, seed=8)
+    count = lambda: launches["cosine_topk"].launches
+    kernels.cosine_topk(q, g, 5)
+    assert (count() > 0) == (DEVICE.type == "cuda")         # CPU tensors: no launch at all
+    before = count()
+    v, i = kernels.cosine_topk(q, g, topk_mod.K_MAX, backend="triton")
+    assert count() > before
+    assert_topk_by_numpy(v, i, q, g, topk_mod.K_MAX)
+    before = count()
+    kernels.cosine_topk(q, g, topk_mod.K_MAX + 1, backend="triton")
+    assert count() == before
+    assert kernels.cosine_topk(q, g, 1, backend="torch")[1].shape == (12, 1)
+
+
+def test_the_top_k_check_input_is_what_its_docstring_says():
+    """Entries -1, 0, 1; 16 non-zeros (norm 4) per gallery row; query 0 and gallery row N - 1 zero;
+    exact ties present: the first-use check's claims rest on these."""
+    q, g = topk_mod.check_input()
+    assert set(q.unique().tolist()) <= {-1.0, 0.0, 1.0} and set(g.unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert (q[0] == 0).all() and (g[-1] == 0).all()
+    assert ((g[:-1] != 0).sum(1) == 16).all() and q[1:].abs().sum(1).min() > 0
+    s = q[1:] @ g.T
+    top = s.sort(dim=1, descending=True).values
+    assert (top[:, 9] == top[:, 10]).any()                  # ties across the k-th place
+
+
+def test_cosine_topk_rejects_what_does_not_fit():
+    q, g = torch.randn(4, 8), torch.randn(5, 8)
+    for args, words in (((q, torch.randn(5, 7), 3), "do not fit"), ((q[None], g, 3), "do not fit"),
+                        ((q, g[0], 3), "do not fit"), ((q, g, 0), "k must be at least 1")):
+        with pytest.raises(ValueError, match=words):
+            kernels.cosine_topk(*args)
+    with pytest.raises(ValueError, match="backend must be"):
+        kernels.cosine_topk(q, g, 3, backend="cuda")
+
+
 def test_fused_step_rejects_bad_shapes():
     x, w, b, t = (p.detach() for p in make_inputs(8, 16, 8, torch.float32, rows=True))
     with pytest.raises(ValueError, match="temb"):
         kernels.fused_linear_temb_silu(x, w, b, t[:, :3])
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels.fused_linear_temb_silu(x[:, :5], w, b, t)
+    for args in ((x[:, :5], w, b, t), (x[None], w, b, t), (x, w[0], b, t), (x[0], w, b, t[0])):
+        with pytest.raises(ValueError, match="do not fit"):
+            kernels.fused_linear_temb_silu(*args)
+
+
+@pytest.mark.parametrize("needs", ["x", "w", "b", "t", "x w"])
+def test_fused_step_gives_exactly_the_gradients_asked_for(needs, launches):
+    """Any subset of the inputs may need gradients (frozen weights, a fixed input): each one asked
+    for equals torch's, the others stay None."""
+    ins = [p.detach() for p in make_inputs(80, 24, 144, torch.float32, rows=True)]
+    ins = [a.requires_grad_(name in needs.split()) for a, name in zip(ins, "xwbt")]
+    ref = [a.detach().clone().requires_grad_(a.requires_grad) for a in ins]
+    fused(*ins).square().sum().backward()
+    kernels.fused_linear_temb_silu_reference(*ref).square().sum().backward()
+    for name, a, r in zip("xwbt", ins, ref):
+        assert (a.grad is None) == (name not in needs.split()), name
+        assert a.grad is None or torch.allclose(a.grad, r.grad, atol=1e-4, rtol=1e-4), name
+    assert launches["fused_bwd"].launches == 1
+
+
+def assert_topk_by_numpy(v, i, q, gal, k):
+    """Checks a top-k against numpy alone (none of kernels/' code: not _unit, not _merge): float64
+    cosines (zero rows score 0) ranked by np.lexsort on (-score, index). Near-ties (float64 scores
+    within 1e-6) may come in either order, since fp32 rounding decides them; exact ties (identical
+    gallery rows, or a zero query, against which every item scores 0 in any arithmetic) must keep
+    the lower index first, and no better item may be left out."""
+    qn, gn = (x.detach().double().cpu().numpy() for x in (q, gal))
+    nq, ng = np.linalg.norm(qn, axis=1), np.linalg.norm(gn, axis=1)
+    s = (qn / np.where(nq > 0, nq, 1)[:, None]) @ (gn / np.where(ng > 0, ng, 1)[:, None]).T   # (M, N)
+    index = np.arange(gn.shape[0])
+    same_row = np.unique(gn, axis=0, return_inverse=True)[1].reshape(-1)   # equal ids: identical rows
+    i, v = i.cpu().numpy(), v.detach().double().cpu().numpy()
+    for r in range(len(s)):
+        ref = np.lexsort((index, -s[r]))[:k]                 # the last key sorts first
+        got = s[r, i[r]]
+        assert np.allclose(v[r], s[r, ref], atol=1e-5), r                       # the k best values
+        assert np.all((i[r] == ref) | (np.abs(got - s[r, ref]) < 1e-6)), r      # the same items, up to near-ties
+        for j in i[r]:
+            tied = index if nq[r] == 0 else index[same_row == same_row[j]]    # exact ties of item j
+            placed = [x for x in i[r] if x in set(tied)]
+            assert placed == list(tied[:len(placed)]), (r, j, placed)            # the lowest indices, in order
 
 
 def gallery_with_ties_and_zeros(M, N, D, seed=0):
@@ -141,6 +239,7 @@ def test_cosine_topk_kernel_matches_full_matrix(k, shape, launches):
     v_ref, i_ref = kernels.cosine_topk_reference(q, gal, k)
     assert torch.equal(i, i_ref)
     assert torch.allclose(v, v_ref, atol=1e-5) and not torch.isnan(v).any()
+    assert_topk_by_numpy(v, i, q, gal, k)
     # the values are the cosines of the returned indices
     cos = torch.nn.functional.cosine_similarity(q[:, None, :], gal[i], dim=-1)
     assert torch.allclose(v[1:], cos[1:], atol=1e-5)   # row 0 is the zero query: all 0
@@ -154,6 +253,41 @@ def test_cosine_topk_largest_k_and_several_slices(launches):
     assert launches["cosine_topk"].launches == 1
     v_ref, i_ref = kernels.cosine_topk_reference(q, gal, k)
     assert torch.equal(i, i_ref) and torch.allclose(v, v_ref, atol=1e-5)
+    assert_topk_by_numpy(v, i, q, gal, k)
+
+
+def test_cosine_topk_kernel_merges_across_the_tiles_of_one_slice(launches):
+    """Slices of 4 tiles (a GPU slice holds many): a later tile's better items must displace the
+    kept ones, item 0 included (the lowest index is kept first in its tile and later displaced)."""
+    q, gal = gallery_with_ties_and_zeros(40, 700, 24, seed=4)
+    gal[0] = -q[1:].sum(0) / 40 + 0.01 * gal[0]       # item 0: low but positive-ish for most queries
+    for k in (2, 10):
+        v, i = cosine_topk_triton(q, gal, k, slice_len=4 * topk_mod.topk_config(40, 24, k, q.dtype)["BLOCK_N"])
+        assert_topk_by_numpy(v, i, q, gal, k)
+    assert launches["cosine_topk"].launches == 2
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_cosine_topk_does_not_depend_on_the_norms(scale, launches):
+    """Rows of norm far below or above 1 (unnormalised embeddings): the same cosines, kernel and torch path."""
+    q, gal = gallery_with_ties_and_zeros(19, 300, 24, seed=7)
+    q, gal = q * scale, gal * scale * torch.linspace(0.5, 2, 300, device=DEVICE)[:, None]
+    for v, i in (cosine_topk_triton(q, gal, 10), kernels.cosine_topk_torch(q, gal, 10)):
+        assert_topk_by_numpy(v, i, q, gal, 10)
+    assert launches["cosine_topk"].launches == 1
+
+
+def test_cosine_topk_kernel_never_returns_a_column_past_the_gallery(launches):
+    """Every cosine negative: a padded column past the gallery (score 0 if it were not masked)
+    would rank first. N = 70 fills part of one tile; k = N asks for every item."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.rand(5, 16, generator=g).to(DEVICE) + 0.1        # positive entries ...
+    gal = -torch.rand(70, 16, generator=g).to(DEVICE) - 0.1    # ... against negative ones
+    for k in (10, 32):
+        v, i = cosine_topk_triton(q, gal, k)
+        assert (i < 70).all() and (v < 0).all()
+        assert_topk_by_numpy(v, i, q, gal, k)
+    assert launches["cosine_topk"].launches == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -174,10 +308,12 @@ def test_cosine_topk_kernel_every_dtype_exact_ties(dtype, launches):
 
 @pytest.mark.parametrize("k", [1, 5, 10, 64])
 def test_chunked_torch_path_matches_full_matrix(k):
-    q, gal = gallery_with_ties_and_zeros(31, 1000, 24, seed=1)
-    v, i = kernels.cosine_topk_torch(q, gal, k, budget_bytes=4 * 31 * 100)   # 10 chunks
+    q, gal = gallery_with_ties_and_zeros(31, 1005, 24, seed=1)
+    v, i = kernels.cosine_topk_torch(q, gal, k, budget_bytes=4 * 31 * 100)   # 10 chunks of 100, then 5 (< k)
     v_ref, i_ref = kernels.cosine_topk_reference(q, gal, k)
     assert torch.equal(i, i_ref) and torch.allclose(v, v_ref, atol=1e-6)
+    assert_topk_by_numpy(v, i, q, gal, k)
+    assert_topk_by_numpy(v_ref, i_ref, q, gal, k)   # the reference itself
 
 
 def test_chunked_torch_path_memory_is_bounded_by_the_chunk(monkeypatch):

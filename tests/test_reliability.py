@@ -115,6 +115,9 @@ def test_crash_drill_one_trial_is_identical():
                           "--switch-every", "7", "--after-first-save", "--seed", "1"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "identical: 1/1" in res.stdout, res.stdout + res.stderr[-2000:]
+    # seed 1 draws the kill at 13% of the training after the first save: a run that finished
+    # first would have tested no resume
+    assert "killed after" in res.stdout and "finished before its kill" not in res.stdout, res.stdout
 
 
 def cli(main, argv, tmp_path, monkeypatch, capsys):
