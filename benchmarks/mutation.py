@@ -130,14 +130,14 @@ def stop_after(proc: subprocess.Popen, minutes: float) -> None:
     """Wait for the tool; after `minutes`, Ctrl-C it (it keeps what it has) and wait for it."""
     try:
         proc.wait(timeout=60 * minutes)
-    except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):   # Ctrl-C here stops it the same way
         os.killpg(proc.pid, signal.SIGINT)      # mutmut stops its workers and saves what it has
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        print(f"stopped after {minutes:g} minutes: run again to go on")
+        print("stopped: run again to go on")
 
 
 def results(src: str) -> dict[str, str]:

@@ -6,6 +6,7 @@ On a CPU the kernels run under Triton's interpreter; faults are injected by stan
 @triton.jit kernels: run the real one, then corrupt an output, or raise instead of launching.
 """
 import importlib
+import time
 import warnings
 
 import pytest
@@ -252,3 +253,37 @@ def test_max_error_allows_tol_up_to_magnitude_1_and_relative_beyond():
     assert first_use.max_error(ref * 100, ref * 100, 1e-5)[1] == pytest.approx(1e-3)             # 100 x tol
     assert first_use.max_error(ref * 100 + 0.5, ref * 100, 1e-5, scale=False)[1] == 1e-5
     assert first_use.max_error(ref[:1], ref, 1e-5)[0] != first_use.max_error(ref[:1], ref, 1e-5)[0]   # NaN: shapes
+
+
+def test_the_check_reports_where_it_ran_its_time_and_a_cut_first_line(monkeypatch):
+    name = first_use.device_name(torch.device("cpu"))
+    assert name == ("cpu (Triton interpreter)" if kernels.INTERPRET else "cpu")
+    assert first_use.max_error(torch.empty(0), torch.empty(0), 1e-5) == (0.0, 1e-5)
+
+    def slow(result):   # a self test that takes 30 ms, then returns or raises
+        def self_test(dtype, device):
+            time.sleep(0.03)
+            if isinstance(result, Exception):
+                raise result
+            return result
+        return self_test
+    long = RuntimeError("x" * 400 + "\nsecond line")
+    for result in ({"y": (0.0, 1e-5)}, long):
+        t0 = time.perf_counter()
+        out = first_use.run_check("fused_linear_temb_silu", torch.float32, "cpu", slow(result))
+        assert 30 <= out.ms <= (time.perf_counter() - t0) * 1e3 and out.ok == (result is not long)
+    assert "x" * 300 in out.message and "x" * 301 not in out.message and "second line" not in out.message
+    # a launch that fails after the check passed: the same cut
+    TOPK_API(*topk_inputs())
+    inject(monkeypatch, "cosine_topk", dict(error=long))
+    with pytest.warns(KernelFallbackWarning) as caught:
+        TOPK_API(*topk_inputs())
+    msg = str(caught[0].message)
+    assert "x" * 300 in msg and "x" * 301 not in msg and "second line" not in msg
+
+
+def test_a_wrong_result_names_the_worst_tensor_and_the_others():
+    errors = {"y": (0.5, 1e-5), "dx": (1e-6, 1e-5), "dW": (3e-3, 1e-5)}
+    out = first_use.run_check("fused_linear_temb_silu", torch.float32, "cpu", lambda dtype, device: errors)
+    assert not out.ok and "max error 0.5 in y (tolerance 1e-05); also dW 0.003" in out.message, out.message
+    assert "dx" not in out.message

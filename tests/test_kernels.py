@@ -330,6 +330,12 @@ def test_chunked_torch_path_memory_is_bounded_by_the_chunk(monkeypatch):
     v, i = kernels.cosine_topk_torch(q, gal, 10, budget_bytes=4 * 50 * 1024)      # chunks of 1,024 rows
     assert shapes == [(50, 1024)] * 19 + [(50, 20000 - 19 * 1024)]
     assert torch.equal(i, kernels.cosine_topk_reference(q, gal, 10)[1])
+    shapes.clear()   # 5,000 rows' worth: rounded down to a multiple of 512 (the GEMM's fast sizes)
+    kernels.cosine_topk_torch(q, gal, 10, budget_bytes=4 * 50 * 5000)
+    assert shapes == [(50, 4608)] * 4 + [(50, 20000 - 4 * 4608)]
+    shapes.clear()   # the default 16 MiB: capped at 8,192 rows
+    kernels.cosine_topk_torch(q, gal, 10)
+    assert shapes == [(50, 8192)] * 2 + [(50, 20000 - 2 * 8192)]
 
 
 def test_streaming_retrieval_metrics_equal_the_dense_ones():
