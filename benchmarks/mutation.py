@@ -389,7 +389,8 @@ def kernels_main(args, work: str, src: str) -> int:
         shutil.rmtree(work)
     if not os.path.exists(os.path.join(work, "session.sqlite")):
         kernels_init(work, src)
-    refresh_tests(src)
+    for folder in copies(work):   # every worker's copy, not only the first
+        refresh_tests(folder)
     if args.retest:
         kernels_retest(work)
     t0 = time.monotonic()

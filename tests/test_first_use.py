@@ -149,7 +149,8 @@ def test_a_failing_kernel_warns_once_and_the_torch_path_takes_over(case, fault, 
         call, want = (lambda: fused_run(kernels.fused_linear_temb_silu, inputs)), FUSED_TORCH(inputs)
     with pytest.warns(KernelFallbackWarning) as caught:
         got = call()
-    assert len(caught) == 1
+    assert len(caught) == 1 and caught[0].filename == __file__   # it points at the line that called
+    assert open(__file__).read().splitlines()[caught[0].lineno - 1].strip().startswith(("TOPK_API =", "y = fn("))
     msg = str(caught[0].message)
     assert first_use.device_name(torch.empty(0, device=DEVICE).device) in msg and f"Triton {kernels.first_use.triton.__version__}" in msg
     assert "using the torch path for the rest of this process" in msg
@@ -287,3 +288,12 @@ def test_a_wrong_result_names_the_worst_tensor_and_the_others():
     out = first_use.run_check("fused_linear_temb_silu", torch.float32, "cpu", lambda dtype, device: errors)
     assert not out.ok and "max error 0.5 in y (tolerance 1e-05); also dW 0.003" in out.message, out.message
     assert "dx" not in out.message
+
+
+def test_a_forward_launch_error_after_a_passed_check_falls_back(monkeypatch):
+    inputs = [a.detach() for a in fused_inputs()]
+    kernels.fused_linear_temb_silu(*inputs)                                  # the check passes
+    inject(monkeypatch, "fused_fwd", dict(error=RuntimeError("injected forward failure")))
+    with pytest.warns(KernelFallbackWarning, match="RuntimeError: injected forward failure"):
+        got = kernels.fused_linear_temb_silu(*inputs)
+    assert torch.equal(got, kernels.fused_linear_temb_silu_reference(*inputs))

@@ -180,6 +180,9 @@ def test_fused_step_rejects_bad_shapes():
     for args in ((x[:, :5], w, b, t), (x[None], w, b, t), (x, w[0], b, t), (x[0], w, b, t[0])):
         with pytest.raises(ValueError, match="do not fit"):
             kernels.fused_linear_temb_silu(*args)
+    x, w, b, t = (p.detach() for p in make_inputs(8, 16, 24, torch.float32, rows=False))   # temb (N,), N != K
+    assert torch.allclose(kernels.fused_linear_temb_silu(x, w, b, t), kernels.fused_linear_temb_silu_reference(x, w, b, t),
+                          atol=1e-5)
 
 
 @pytest.mark.parametrize("needs", ["x", "w", "b", "t", "x w"])
@@ -231,7 +234,7 @@ def gallery_with_ties_and_zeros(M, N, D, seed=0):
 
 
 @pytest.mark.parametrize("k", [1, 5, 10])
-@pytest.mark.parametrize("shape", [(19, 300, 70), (40, 129, 33)])
+@pytest.mark.parametrize("shape", [(19, 300, 70), (40, 129, 33), (7, 50, 5)])   # D = 5: one padded D tile
 def test_cosine_topk_kernel_matches_full_matrix(k, shape, launches):
     q, gal = gallery_with_ties_and_zeros(*shape)
     v, i = cosine_topk_triton(q, gal, k)
