@@ -211,3 +211,11 @@ def test_a_config_that_cannot_train_is_refused_when_made(field, value, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         dg.DiffGAPConfig(**{field: value})
     dg.DiffGAPConfig(**{field: getattr(dg.DiffGAPConfig(), field)})   # the default of the same field is fine
+
+
+def test_every_value_that_can_train_is_accepted():
+    for schedule in ("cosine", "linear"):
+        for objective in ("eps", "x0", "v"):
+            dg.DiffGAPConfig(schedule=schedule, objective=objective)
+    dg.DiffGAPConfig(p_uncond=0.0, ema_decay=0.0, time_dim=2, timesteps=1, switch_every=1, depth=1)  # the paper's p_uncond, EMA off
+    dg.DiffGAPConfig(p_uncond=0, ema_decay=0.9999)
