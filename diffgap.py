@@ -55,24 +55,6 @@ class DiffGAPConfig:
     switch_every: int = 500          # m: swap condition and target every m steps (paper: 5000 of ~94k)
     ema_decay: float = 0.999         # EMA of the weights used for sampling; 0 turns EMA off
 
-    def __post_init__(self):
-        # A config also comes from checkpoints and from other code: refuse here what would
-        # otherwise fail steps later (switch_every 0 divides by zero, an odd time_dim loses a feature).
-        for name in ("dim_a", "dim_b", "hidden", "inner", "depth", "time_dim", "timesteps", "switch_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DiffGAPConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.time_dim % 2:
-            raise ValueError(f"DiffGAPConfig.time_dim must be even (cos and sin halves), got {self.time_dim}")
-        if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"unknown schedule {self.schedule!r}: use 'cosine' or 'linear'")
-        if self.objective not in ("eps", "x0", "v"):
-            raise ValueError(f"unknown objective {self.objective!r}: use 'eps', 'x0' or 'v'")
-        for name in ("p_uncond", "ema_decay"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-                raise ValueError(f"DiffGAPConfig.{name} must be a number in [0, 1), got {value!r}")
-
 # 1. Noise schedule (Ho et al. 2020, eq. 4; Nichol & Dhariwal 2021, eq. 17) ---------------------
 
 def make_schedule(kind: str, T: int) -> dict[str, torch.Tensor]:
@@ -107,8 +89,7 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
 # 2. Denoiser network ---------------------------------------------------------------------------
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of integer timesteps (Vaswani et al. 2017): (B,) -> (B, dim), dim even
-    (dim // 2 cosines, then as many sines)."""
+    """Sinusoidal features of integer timesteps (Vaswani et al. 2017): (B,) -> (B, dim), dim even."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None, :]                      # (B, half)
@@ -213,6 +194,8 @@ class DiffGAP(nn.Module):
 
     def __init__(self, config: DiffGAPConfig):
         super().__init__()
+        if config.objective not in ("eps", "x0", "v"):
+            raise ValueError(f"unknown objective {config.objective!r}: use 'eps', 'x0' or 'v'")
         self.config = config
         self.net = Denoiser(config)
         self.ema = copy.deepcopy(self.net).requires_grad_(False) if config.ema_decay > 0 else None

@@ -387,21 +387,52 @@ CHECKPOINT_ENTRIES = {
 }
 
 
+_size = (lambda v: _is_int(v, 1), "an integer >= 1")
+_fraction = (lambda v: type(v) in (int, float) and 0 <= v < 1, "a number in [0, 1)")
+# What a checkpoint's config may hold: values that fail later (switch_every 0 divides by zero,
+# an odd time_dim drops a feature) are refused where the file is read.
+CONFIG_ENTRIES = {
+    **dict.fromkeys(("dim_a", "dim_b", "hidden", "inner", "depth", "timesteps", "switch_every"), _size),
+    "time_dim": (lambda v: _is_int(v, 2) and v % 2 == 0, "an even integer >= 2"),
+    "schedule": (lambda v: v in ("cosine", "linear"), "'cosine' or 'linear'"),
+    "objective": (lambda v: v in ("eps", "x0", "v"), "'eps', 'x0' or 'v'"),
+    "p_uncond": _fraction, "ema_decay": _fraction,
+    "direction_embedding": (lambda v: type(v) is bool, "True or False"), "center": (lambda v: type(v) is bool, "True or False"),
+}
+
+
+def config_problem(config) -> str:
+    """'' if config (a dict of DiffGAPConfig fields) can train, else what is wrong with it."""
+    if not isinstance(config, dict):
+        return f"config is {type(config).__name__}, not a dict"
+    for key, value in config.items():
+        if key not in CONFIG_ENTRIES:
+            return f"config has a field {key!r} that DiffGAPConfig does not"
+        valid, expected = CONFIG_ENTRIES[key]
+        if not valid(value):
+            return f"config entry {key!r} is {value!r}"[:120] + f"; expected {expected}"
+    return ""
+
+
 def load_checkpoint(path: str, map_location="cpu", needs: tuple[str, ...] = ()) -> tuple[DiffGAP, dict]:
     """Rebuild the model from a checkpoint: (model, the checkpoint's dict).
 
-    Every entry of CHECKPOINT_ENTRIES that is present is checked, and those named in `needs`
-    must be present. Raises FileNotFoundError if there is no file, ValueError naming the file
-    if it is unreadable, a config or weights do not fit, an entry is missing or wrong, or a
-    weight is not finite."""
+    The config is checked (CONFIG_ENTRIES), every entry of CHECKPOINT_ENTRIES that is present
+    too, and those named in `needs` must be present. Raises FileNotFoundError if there is no
+    file, ValueError naming the file if it is unreadable, the config cannot train, the weights
+    do not fit it, an entry is missing or wrong, or a weight is not finite."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        model = DiffGAP(DiffGAPConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    except Exception as e:  # truncated zip, wrong keys, wrong shapes: all mean "not usable"
+        problem = config_problem(ckpt["config"])
+        if not problem:
+            model = DiffGAP(DiffGAPConfig(**ckpt["config"]))
+            model.load_state_dict(ckpt["model"])
+    except Exception as e:  # truncated zip, no config, wrong keys, wrong shapes: all mean "not usable"
         raise ValueError(f"{path}: not a usable diffgap checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     for key, (valid, expected) in CHECKPOINT_ENTRIES.items():
         if key not in ckpt:
             if key in needs:

@@ -299,9 +299,9 @@ BAD_ENTRIES = [   # (entry, value), and the words the line must hold
     ("step", -1, "entry 'step' is -1"), ("step", 2.5, "entry 'step' is 2.5"),
     ("pair", MISSING, "no 'pair' entry"), ("pair", "audio-image", "entry 'pair' is 'audio-image'"),
     ("data", MISSING, "no 'data' entry"), ("data", 3, "entry 'data' is 3; expected a data spec"),
-    ("config.switch_every", 0, "switch_every must be an integer >= 1, got 0"),
-    ("config.time_dim", 7, "time_dim must be even"),
-    ("config.p_uncond", 1.5, "p_uncond must be a number in [0, 1), got 1.5"),
+    ("config.switch_every", 0, "config entry 'switch_every' is 0; expected an integer >= 1"),
+    ("config.time_dim", 7, "config entry 'time_dim' is 7; expected an even integer"),
+    ("config.p_uncond", 1.5, "config entry 'p_uncond' is 1.5; expected a number in [0, 1)"),
 ]
 
 
