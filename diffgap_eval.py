@@ -21,8 +21,10 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -424,11 +426,16 @@ def load_checkpoint(path: str, map_location="cpu", needs: tuple[str, ...] = ()) 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():   # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
         problem = config_problem(ckpt["config"])
         if not problem:
             model = DiffGAP(DiffGAPConfig(**ckpt["config"]))
             model.load_state_dict(ckpt["model"])
+    except pickle.UnpicklingError:   # torch's own message suggests weights_only=False, which would run code
+        raise ValueError(f"{path}: not a diffgap checkpoint: torch.load(weights_only=True) cannot read it (not a "
+                         f"torch.save file of tensors and plain data); nothing in it was run") from None
     except Exception as e:  # truncated zip, no config, wrong keys, wrong shapes: all mean "not usable"
         raise ValueError(f"{path}: not a usable diffgap checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if problem:

@@ -160,6 +160,20 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     assert not os.path.exists(path + ".tmp")
 
 
+def test_a_pickle_or_junk_checkpoint_is_one_line_without_warnings(tmp_path):
+    import pickle
+    import warnings
+    path = str(tmp_path / "ckpt.pt")
+    for write in (lambda f: pickle.dump({"config": {}, "model": {}}, f, protocol=4), lambda f: f.write(b"junk" * 10)):
+        with open(path, "wb") as f:
+            write(f)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match=r"ckpt\.pt: not a (usable )?diffgap checkpoint") as e:
+                ev.load_checkpoint(path)
+        assert "False" not in str(e.value)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
 def test_bad_checkpoint_is_reported(tmp_path, damage):
     path = str(tmp_path / "ckpt.pt")
