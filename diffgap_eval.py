@@ -39,6 +39,8 @@ from diffgap import DiffGAP, DiffGAPConfig, retrieval_metrics_from_embeddings
 DIRECTIONS = {0: "B->A", 1: "A->B"}
 DIRECTION_CHOICES = ("both", "b2a", "a2b")    # --direction: both ways, B->A only, A->B only
 PAIRS = ("audio-video", "audio-text")
+SCHEDULES = ("cosine", "linear")
+OBJECTIVES = ("eps", "x0", "v")
 
 # Classifier-free guidance scale for the samples whose mean ranks the gallery. Chosen on the
 # validation split of synthetic seed 0 among 1-16 and confirmed on held-out seeds 3 and 4
@@ -372,19 +374,27 @@ def _is_int(v, lo: int) -> bool:
     return type(v) is int and v >= lo
 
 
+def _one_of(choices: tuple) -> tuple:
+    names = [repr(c) for c in choices]
+    return lambda v: v in choices, ", ".join(names[:-1]) + " or " + names[-1]
+
+
+_flag = (lambda v: type(v) is bool, "True or False")
+
+
 # What train.py keeps beside the weights, and what each value must be. A checkpoint is user
 # input (hand-edited, written by other code): a wrong entry is one line naming the file here,
 # not a KeyError or TypeError deep inside a command.
 CHECKPOINT_ENTRIES = {
     "step": (lambda v: _is_int(v, 0), "an integer >= 0"),
-    "pair": (lambda v: v in PAIRS, " or ".join(map(repr, PAIRS))),
+    "pair": _one_of(PAIRS),
     "data": (lambda v: isinstance(v, str) and v != "", "a data spec (a non-empty string)"),
     "epochs": (lambda v: _is_int(v, 1), "an integer >= 1"),
     "batch_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
     "lr": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a finite number > 0"),
     "seed": (lambda v: _is_int(v, -2**63), "an integer"),
-    "direction": (lambda v: v in DIRECTION_CHOICES, " or ".join(map(repr, DIRECTION_CHOICES))),
-    "compile": (lambda v: type(v) is bool, "True or False"),
+    "direction": _one_of(DIRECTION_CHOICES),
+    "compile": _flag,
     "optimizer": (lambda v: isinstance(v, dict) and {"state", "param_groups"} <= v.keys(), "an optimizer state dict"),
 }
 
@@ -396,10 +406,9 @@ _fraction = (lambda v: type(v) in (int, float) and 0 <= v < 1, "a number in [0, 
 CONFIG_ENTRIES = {
     **dict.fromkeys(("dim_a", "dim_b", "hidden", "inner", "depth", "timesteps", "switch_every"), _size),
     "time_dim": (lambda v: _is_int(v, 2) and v % 2 == 0, "an even integer >= 2"),
-    "schedule": (lambda v: v in ("cosine", "linear"), "'cosine' or 'linear'"),
-    "objective": (lambda v: v in ("eps", "x0", "v"), "'eps', 'x0' or 'v'"),
+    "schedule": _one_of(SCHEDULES), "objective": _one_of(OBJECTIVES),
     "p_uncond": _fraction, "ema_decay": _fraction,
-    "direction_embedding": (lambda v: type(v) is bool, "True or False"), "center": (lambda v: type(v) is bool, "True or False"),
+    "direction_embedding": _flag, "center": _flag,
 }
 
 

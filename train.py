@@ -71,8 +71,8 @@ def parse_args(argv=None):
                    help="Adam learning rate, default 1e-3 (paper: 2e-4 over ~94k steps)")
     p.add_argument("--switch-every", type=number(int, 1), help="m: steps per direction phase, default 500 (paper: 5000)")
     p.add_argument("--direction", choices=ev.DIRECTION_CHOICES, help="default both")
-    p.add_argument("--objective", choices=["eps", "x0", "v"], help="default v")
-    p.add_argument("--schedule", choices=["cosine", "linear"], help="default cosine")
+    p.add_argument("--objective", choices=ev.OBJECTIVES, help="default v")
+    p.add_argument("--schedule", choices=ev.SCHEDULES, help="default cosine")
     p.add_argument("--p-uncond", type=number(float, 0, 1, hi_open=True),
                    help="condition dropout in [0, 1), which enables classifier-free guidance; default 0.1 "
                         "(0: paper-faithful, no guidance)")
