@@ -7,6 +7,7 @@ relevance for retrieval in either direction.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -138,3 +139,35 @@ def atomic_write(path: str, write) -> None:
         os.fsync(fd)           # the rename itself is durable only once the folder is
     finally:
         os.close(fd)
+
+
+# Shared by every command and loader: one error line, one number parser, one device choice.
+
+def reason(e: BaseException) -> str:
+    """'Type: first line of the message', cut short, for a one-line error."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
+
+
+def number(text, kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    """text as a finite `kind` (int or float) in lo..hi (an end excluded if *_open); else ValueError
+    saying what it must be, e.g. "must be finite, >= 0 and < 1; got 1.5"."""
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    bounds = ([f"{'>' if lo_open else '>='} {lo:g}"] if lo > -math.inf else []) + \
+             ([f"{'<' if hi_open else '<='} {hi:g}"] if hi < math.inf else [])
+    inside = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not (math.isfinite(value) and inside):
+        raise ValueError(f"must be finite{', ' if bounds else ''}{' and '.join(bounds)}; got {text}")
+    return value
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto | cpu | cuda: auto takes CUDA when there is one; cuda without one is a ValueError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
+    return torch.device(name)
