@@ -1,15 +1,15 @@
 """Evaluation around diffgap.py: what train.py, sample.py, the benchmarks and the tests share.
 
-diffgap.py holds the paper (schedule, denoiser, diffusion, the bidirectional training loop) and
-the general metrics; this module holds what the commands add around it, in the order a split
-is scored:
+diffgap.py holds the paper; this module holds what the commands add around it, in the order a
+split is scored:
 
-    1. retrieval scores: contrastive, diffgap, two-way and their blends, each one inner product;
+    1. retrieval and generation metrics (R@k, median rank, mAP@10; Frechet distance, paired cosine)
+    2. retrieval scores: contrastive, diffgap, two-way and their blends, each one inner product;
        bootstrap intervals; the choice on validation (choose_score, choice_reason)
-    2. the translation cache: every row of a split translated both ways, kept beside the checkpoint
-    3. tables and the gallery export (sample.py --export-gallery)
-    4. checkpoints: plain dicts of tensors, written atomically and durably
-    5. small command-line helpers: one `error:` line and exit status 2 for bad input
+    3. the translation cache: every row of a split translated both ways, kept beside the checkpoint
+    4. tables and the gallery export (sample.py --export-gallery)
+    5. checkpoints: plain dicts of tensors, written atomically and durably, checked when read
+    6. small command-line helpers: one `error:` line and exit status 2 for bad input
 
 Direction 0 is "B->A" (queries from B rank the audio gallery), 1 is "A->B", as in diffgap.py.
 """
@@ -33,27 +33,33 @@ import torch.nn.functional as F
 
 import diffgap as dg
 import embed_cache
-from embed_cache.base import atomic_write
-from diffgap import DiffGAP, DiffGAPConfig, retrieval_metrics_from_embeddings
+from diffgap import DiffGAP, DiffGAPConfig
+from embed_cache.base import atomic_write, pick_device, reason  # noqa: F401 (pick_device: the commands' device)
 
-DIRECTIONS = {0: "B->A", 1: "A->B"}
-DIRECTION_CHOICES = ("both", "b2a", "a2b")    # --direction: both ways, B->A only, A->B only
+try:
+    from kernels import cosine_topk
+except ImportError:   # pip-installed, the package is diffgap_kernels (PyPI's `kernels` is another project)
+    from diffgap_kernels import cosine_topk
+
+DIRECTION_CHOICES = ("both", "b2a", "a2b")    # --direction: both ways, B->A (0) only, A->B (1) only; file names
+DIRECTIONS = {d: DIRECTION_CHOICES[1 + d].upper().replace("2", "->") for d in (0, 1)}   # tables: B->A, A->B
 PAIRS = ("audio-video", "audio-text")
-SCHEDULES = ("cosine", "linear")
-OBJECTIVES = ("eps", "x0", "v")
 
-# Classifier-free guidance scale for the samples whose mean ranks the gallery. Chosen on the
-# validation split of synthetic seed 0 among 1-16 and confirmed on held-out seeds 3 and 4
-# (results/README.md, "Guidance scale"). Generation keeps guidance 1.
+# Classifier-free guidance scale for the samples whose mean ranks the gallery: the best of 1-16
+# on the validation split of synthetic seed 0, confirmed on held-out seeds 3 and 4 (results/README.md).
+# Generation keeps guidance 1.
 RANK_GUIDANCE = 16.0
-# The two-way score's gallery side (each gallery item translated into the query's modality)
-# ranks best with milder guidance: on the validation split of both default checkpoints, 8 was
-# the best of 1-16 in all four pair-direction cells, 1.0-1.9 R@1 above 16, and it held on a
-# held-out seed (results/README.md, "Retrieval: which score").
+# The two-way score's gallery side ranks best with milder guidance: 8 was the best of 1-16 in all
+# four pair-direction cells of the default checkpoints' validation split, and on a held-out seed.
 GALLERY_GUIDANCE = 8.0
-# The default run's length floor. 30 epochs of 250 pairs are 120 steps, after which the learned
-# scores lose to contrastive by 30 points; 3,000 steps of batch 64 are ~30 s on a 2-core CPU.
+# The default run's length floor: 30 epochs of 250 pairs are 120 steps, after which the learned
+# scores lose to contrastive by 30 points.
 MIN_STEPS = 3000
+
+
+def direction_arg(name: str) -> int | None:
+    """--direction both | b2a | a2b -> None (both) | 0 | 1, as diffgap.train_steps takes it."""
+    return None if name == "both" else DIRECTION_CHOICES.index(name) - 1
 
 
 def rank_guidance(model, scale: float) -> float:
@@ -66,7 +72,143 @@ def guidance_words(guidance: float, gallery_guidance: float) -> str:
     return f"guidance {guidance:g}" + ("" if gallery_guidance == guidance else f" ({gallery_guidance:g} for two-way galleries)")
 
 
-# 1. Retrieval scores ---------------------------------------------------------------------------
+# 1. Metrics ------------------------------------------------------------------------------------
+
+def check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:
+    """Raise ValueError naming the first non-finite row of x (N, D) or (N,), counted from offset.
+    A NaN compares false with everything: unchecked, it silently reorders every query's ranking."""
+    bad = ~torch.isfinite(x) if x.dim() < 2 else ~torch.isfinite(x).all(dim=-1)
+    if bad.any():
+        raise ValueError(f"{what} row {offset + int(bad.nonzero()[0, 0])} is not finite ({int(bad.sum())} rows)")
+
+
+def _unit_rows(x: torch.Tensor, what: str, offset: int = 0) -> torch.Tensor:
+    check_finite(x, what, offset)
+    return F.normalize(x.float(), dim=-1)
+
+
+def cosine_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (Q, D) x (G, D) -> (Q, G); a non-finite row is a ValueError."""
+    return _unit_rows(queries, "query") @ _unit_rows(gallery, "gallery").T
+
+
+def _relevance(relevant: torch.Tensor, Q: int, G: int) -> torch.Tensor:
+    """relevant as (Q,) int labels or a (Q, G) bool mask, checked; returns it unchanged."""
+    want = (Q, G) if relevant.dtype == torch.bool else (Q,)
+    if tuple(relevant.shape) != want:
+        raise ValueError(f"relevant has shape {tuple(relevant.shape)}, expected {want} for {Q} queries x {G} items")
+    if relevant.dtype == torch.bool:
+        none = relevant.sum(1) == 0
+        if none.any():
+            raise ValueError(f"query {int(none.nonzero()[0, 0])} has no relevant gallery item")
+    elif len(relevant) and not (0 <= int(relevant.min()) and int(relevant.max()) < G):
+        raise ValueError(f"relevant labels must be gallery rows 0..{G - 1}")
+    return relevant
+
+
+def _metrics(first: torch.Tensor, top_hits: torch.Tensor, n_rel: torch.Tensor, ks) -> dict[str, float]:
+    """The metrics of one ordering: first (Q,) 1-based rank of each query's best correct item,
+    top_hits (Q, <=10) bool relevance of its top-ranked items, n_rel (Q,) its number of correct items.
+
+    median_rank is the median of the 1-based ranks, the mean of the two middle ones for an even
+    count (numpy.median, as CLIP4Clip reports it); LAION-CLAP's and open_clip's evaluation print
+    floor(median of 0-based ranks) + 1 instead, which is 1 where this gives 1.5 for ranks 1, 1, 2, 3.
+    AP@10 = sum_{k<=10} P@k rel_k / min(n_rel, 10), which never exceeds 1.
+    """
+    out = {f"R@{k}": (first <= k).float().mean().item() for k in ks}
+    out["median_rank"] = first.double().quantile(0.5).item()
+    hits = top_hits.float()
+    precision = hits.cumsum(1) / torch.arange(1, hits.shape[1] + 1, device=hits.device)
+    out["mAP@10"] = ((precision * hits).sum(1) / n_rel.clamp(max=10)).mean().item()
+    return out
+
+
+def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """R@k, median rank and mAP@10 (conventions: _metrics) from scores (Q, G), higher is better,
+    ties to the lower index. relevant: (Q,) int, one correct item per query, or (Q, G) bool, several
+    (an audio's 5 captions: a hit at k when any is in the top k). One stable sort per row; a
+    non-finite score, a query with no correct item or a wrong shape is a ValueError."""
+    Q, G = scores.shape
+    check_finite(scores, "scores")
+    relevant = _relevance(relevant, Q, G)
+    if relevant.dtype != torch.bool:
+        relevant = F.one_hot(relevant.long(), G).bool()
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices   # (Q, G)
+    hits = relevant.gather(1, order)                                         # (Q, G) rel at each rank
+    return _metrics(hits.float().argmax(1) + 1, hits[:, :10], relevant.sum(1), ks)
+
+
+@torch.no_grad()
+def retrieval_metrics_from_embeddings(queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
+                                      ks=(1, 5, 10), chunk: int = 8192, return_ranks: bool = False):
+    """retrieval_metrics(cosine_scores(queries, gallery), relevant) without the (Q, G) score matrix.
+
+    queries (Q, D), gallery (G, D), relevant (Q,) int or (Q, G) bool as in retrieval_metrics.
+    return_ranks: also return each query's 1-based rank of its best correct item, (Q,) int. The
+    top 10 of each query comes from kernels.cosine_topk (the Triton kernel on CUDA, its chunked
+    torch path elsewhere; ties to the lower index), and R@k (k <= 10) and mAP@10 from that one
+    list; a query with no correct item in it is ranked past 10 by counting, over gallery chunks,
+    the items that beat its best correct item. Raises ValueError naming a non-finite row.
+    """
+    Q, G = queries.shape[0], gallery.shape[0]
+    relevant = _relevance(relevant, Q, G)
+    check_finite(queries, "query")
+    for start in range(0, G, chunk):
+        check_finite(gallery[start:start + chunk], "gallery", start)
+    k10 = min(10, G)
+    _, top_i = cosine_topk(queries, gallery, k10, backend=dg.KERNELS, strict=dg.KERNELS == "triton")
+    top_hits = relevant.gather(1, top_i) if relevant.dtype == torch.bool else top_i == relevant[:, None]
+    in_top = top_hits.any(1)
+    first = torch.where(in_top, top_hits.float().argmax(1) + 1, 0)
+    miss = (~in_top).nonzero()[:, 0]
+    if len(miss):   # their best correct item (the lowest index among ties), then what beats it
+        q, rel = F.normalize(queries[miss].float(), dim=-1), relevant[miss]
+        scored = lambda: ((start, q @ F.normalize(gallery[start:start + chunk].float(), dim=-1).T)
+                          for start in range(0, G, chunk))
+        best_s = torch.full((len(miss),), float("-inf"), device=q.device)
+        best_i = torch.zeros(len(miss), dtype=torch.long, device=q.device)
+        for start, s in scored():
+            idx = torch.arange(start, start + s.shape[1], device=q.device)
+            mine = rel[:, start:start + s.shape[1]] if rel.dtype == torch.bool else rel[:, None] == idx
+            v, i = torch.where(mine, s, float("-inf")).max(1)
+            take = v > best_s
+            best_s, best_i = torch.where(take, v, best_s), torch.where(take, idx[i], best_i)
+        count = torch.ones(len(miss), dtype=torch.long, device=q.device)
+        for start, s in scored():
+            idx = torch.arange(start, start + s.shape[1], device=q.device)
+            count += ((s > best_s[:, None]) | ((s == best_s[:, None]) & (idx < best_i[:, None]))).sum(1)
+        first[miss] = count.clamp(min=k10 + 1)   # outside the top 10 by the one ordering
+    n_rel = relevant.sum(1) if relevant.dtype == torch.bool else torch.ones(Q, device=first.device)
+    out = _metrics(first, top_hits, n_rel, ks)
+    return (out, first) if return_ranks else out
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to x (N, D) and y (M, D), in float64:
+    |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2), symmetric eigendecompositions only."""
+    check_finite(x, "first set")
+    check_finite(y, "second set")
+    x, y = x.double(), y.double()
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    s_x, s_y = torch.cov(x.T).reshape(x.shape[1], -1), torch.cov(y.T).reshape(y.shape[1], -1)
+    w, V = torch.linalg.eigh(s_x)
+    sqrt_sx = (V * w.clamp(min=0).sqrt()) @ V.T
+    cross = torch.linalg.eigvalsh(sqrt_sx @ s_y @ sqrt_sx).clamp(min=0).sqrt().sum()
+    return ((mu_x - mu_y).pow(2).sum() + s_x.trace() + s_y.trace() - 2 * cross).item()
+
+
+def paired_cosine(x: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor) -> float:
+    """Mean cosine of each x row (Q, D) with its true pair(s) in gallery (G, D); relevant (Q,) int
+    or (Q, G) bool (the mean over its pairs)."""
+    x, gallery = _unit_rows(x, "generated"), _unit_rows(gallery, "gallery")
+    relevant = _relevance(relevant, len(x), len(gallery))
+    if relevant.dtype != torch.bool:
+        return (x * gallery[relevant]).sum(1).mean().item()
+    rel = relevant.float()
+    return ((x * (rel @ gallery)).sum(1) / rel.sum(1)).mean().item()
+
+
+# 2. Retrieval scores ---------------------------------------------------------------------------
 
 def bootstrap_interval(values: torch.Tensor, resamples: int = 1000, level: float = 0.95, seed: int = 0):
     """Percentile bootstrap interval of the mean of per-query values (Q,), resampling queries.
@@ -80,9 +222,9 @@ def bootstrap_interval(values: torch.Tensor, resamples: int = 1000, level: float
     return lo.item(), hi.item()
 
 
-# The scores a gallery can be ranked by, simplest first: a tie on validation goes to
-# the simpler one. A blend weighs a learned score against contrastive: (1 - lam) cos(q, g) + lam
-# learned(q, g); BLEND_WEIGHTS is the grid of lam that `--score auto` tries.
+# The scores a gallery can be ranked by, simplest first: a tie on validation goes to the simpler
+# one. A blend weighs a learned score against contrastive: (1 - lam) cos(q, g) + lam learned(q, g);
+# BLEND_WEIGHTS is the grid of lam that `--score auto` tries.
 BLEND_WEIGHTS = (0.25, 0.5, 0.75)
 
 
@@ -158,7 +300,7 @@ def score_retrieval(queries: torch.Tensor, gallery: torch.Tensor, relevant: torc
     for x, what in ((queries, "query"), (gallery, "gallery"), (g_hat_q, "query translation"),
                     (q_hat_g, "gallery translation")):
         if x is not None:
-            dg.check_finite(x, what)
+            check_finite(x, what)
     if scores is None:
         scores = [s for s in score_names(queries.shape[1] == gallery.shape[1]) if q_hat_g is not None or "two-way" not in s]
     ranked = {s: retrieval_metrics_from_embeddings(query_side(s, queries, g_hat_q), gallery_side(s, gallery, q_hat_g),
@@ -189,10 +331,9 @@ def choose_score(val_results: dict[str, dict]) -> str:
     A learned score replaces contrastive only when its R@1 gain over contrastive is beyond
     noise: the lower end of its paired bootstrap interval, adjusted for the number of
     candidates ("gain lo adjusted"), is above zero. Among those, and contrastive, the best
-    validation R@1 wins, the simpler on a tie (score_names' order). Taking the plain maximum
-    would pick a winner of noise on a small validation split: a +1.9 point "gain" from two
-    queries that was 4.8 points below contrastive on test. Without contrastive among the
-    results (unequal dims) the best R@1 wins.
+    validation R@1 wins, the simpler on a tie (score_names' order). The plain maximum would
+    pick a winner of noise on a small validation split. Without contrastive among the results
+    (unequal dims) the best R@1 wins.
     """
     if "contrastive" in val_results:
         val_results = {name: m for name, m in val_results.items()
@@ -217,7 +358,7 @@ def choice_reason(val_results: dict[str, dict], chosen: str) -> str:
             f"bound {100 * m['gain lo adjusted']:+.1f} with {len(learned)} candidates)")
 
 
-# 2. The translation cache ---------------------------------------------------------------------
+# 3. The translation cache ---------------------------------------------------------------------
 
 def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, sampler: str = "ddim",
                     eta: float = 0.0, guidance: float = 1.0, seed: int = 0,
@@ -229,7 +370,7 @@ def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, 
     for the gallery side of the two-way scores (split_scores)."""
     device = next(model.parameters()).device
     rows = {name: (x[:] if isinstance(x, embed_cache.Rows) else x).to(device)   # read once, used at every scale
-            for name, x in (("b2a", split.b), ("a2b", split.a))}
+            for name, x in zip(DIRECTION_CHOICES[1:], (split.b, split.a))}
     scales = {"": guidance} if gallery_guidance in (None, guidance) else {"": guidance, "_gallery": gallery_guidance}
     out = {}
     for suffix, scale in scales.items():
@@ -243,15 +384,11 @@ def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, 
 def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str, num_samples: int, steps: int = 5,
                        sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0, seed: int = 0,
                        gallery_guidance: float | None = None, say=print) -> dict[str, torch.Tensor]:
-    """Every row of a split translated into the other modality, cached beside the checkpoint.
+    """translate_split's dict for a split, cached beside the checkpoint as CKPT_STEM.<split>-translations.npz.
 
-    Returns translate_split's dict: {"b2a": (N_b, D_A), "a2b": (N_a, D_B)}, the mean of
-    num_samples samples per row (DiffGAP.translate), and, with a gallery_guidance other than
-    guidance, the same at that scale ("b2a_gallery", "a2b_gallery"); every score of both
-    directions follows from them (query side and, for two-way, gallery side). The file
-    CKPT_STEM.<split>-translations.npz is reused while the checkpoint's bytes, the split's
-    embeddings and these settings are unchanged, and rebuilt otherwise; a cached and a rebuilt
-    translation are the same numbers.
+    The cache is reused while what produces it is unchanged: the checkpoint's bytes, the split's
+    embeddings, these settings, and the code that samples (diffgap.py, this file, kernels/); a
+    cached and a rebuilt translation are the same numbers.
     """
     a, b = (x[:] if isinstance(x, embed_cache.Rows) else x for x in (split.a, split.b))
     device = next(model.parameters()).device
@@ -259,14 +396,17 @@ def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str
     settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=guidance, seed=seed,
                     gallery_guidance=gallery_guidance, device=device.type, kernels=dg.KERNELS)
     digest = hashlib.blake2b(repr(sorted(settings.items())).encode(), digest_size=16)
-    with open(ckpt_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    code = [dg.__file__, __file__] + sorted(glob.glob(os.path.join(os.path.dirname(sys.modules[cosine_topk.__module__]
+                                                                                   .__file__), "*.py")))
+    for path in [ckpt_path] + code:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     for x in (a, b, split.b_to_a):
         digest.update(x.contiguous().numpy().tobytes())
     key, path = digest.hexdigest(), os.path.splitext(ckpt_path)[0] + f".{split_name}-translations.npz"
     suffixes = ("",) if gallery_guidance is None else ("", "_gallery")
-    shapes = {name + suffix: shape for name, shape in (("b2a", (len(b), a.shape[1])), ("a2b", (len(a), b.shape[1])))
+    shapes = {name + suffix: shape for name, shape in zip(DIRECTION_CHOICES[1:], ((len(b), a.shape[1]), (len(a), b.shape[1])))
               for suffix in suffixes}
     try:
         with np.load(path) as z:
@@ -293,18 +433,18 @@ def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str
 def gallery_translations(translations: dict, direction: int) -> torch.Tensor:
     """The gallery side of a direction's two-way scores from split_translations' output: the
     gallery translated the other way, at the gallery guidance when that was built apart."""
-    name = "a2b" if direction == 0 else "b2a"
+    name = DIRECTION_CHOICES[2 - direction]   # the other direction's
     return translations.get(name + "_gallery", translations[name])
 
 
 def split_scores(split, direction: int, translations: dict, scores=None) -> dict[str, dict]:
-    """dg.score_retrieval for one direction of a split, from split_translations' output."""
+    """score_retrieval for one direction of a split, from split_translations' output."""
     q, gal, rel = split.retrieval(direction)
-    g_hat_q = translations["b2a" if direction == 0 else "a2b"]
-    return score_retrieval(q, gal, rel, g_hat_q, gallery_translations(translations, direction), scores)
+    return score_retrieval(q, gal, rel, translations[DIRECTION_CHOICES[1 + direction]],
+                           gallery_translations(translations, direction), scores)
 
 
-# 3. Tables and the gallery export --------------------------------------------------------------
+# 4. Tables and the gallery export --------------------------------------------------------------
 
 MEDR_LEGEND = ("medR: median of the 1-based ranks of each query's best correct item, the mean of the middle two for an "
                "even count (as CLIP4Clip);\n      LAION-CLAP's and open_clip's evaluation print floor(median of 0-based "
@@ -314,9 +454,9 @@ MEDR_LEGEND = ("medR: median of the 1-based ranks of each query's best correct i
 def retrieval_table(results: dict, title: str, chosen: dict | None = None) -> str:
     """results: {direction: {score name: metrics}} -> a small aligned text table.
 
-    Brackets hold 95% bootstrap intervals over queries (dg.score_retrieval) where present: of
-    R@1, and of the paired R@1 gain over contrastive on the same queries. A "val R@1" entry
-    gets its own column; chosen {direction: score} marks those rows with "*".
+    Brackets hold 95% bootstrap intervals over queries (score_retrieval) where present: of R@1,
+    and of the paired R@1 gain over contrastive on the same queries. A "val R@1" entry gets its
+    own column; chosen {direction: score} marks those rows with "*".
     """
     pct = lambda m, key: f"[{100 * m[key + ' lo']:.1f}, {100 * m[key + ' hi']:.1f}]" if key + " lo" in m else ""
     val = any("val R@1" in m for by_score in results.values() for m in by_score.values())
@@ -336,9 +476,9 @@ def retrieval_table(results: dict, title: str, chosen: dict | None = None) -> st
 
 def export_gallery(folder: str, split, direction: int, score: str, translations: dict, info: dict) -> None:
     """DIR/<b2a|a2b>.gallery.npy (G, D') unit rows of the score's gallery side, .ids.txt one id per
-    row, and index.json: what a query needs to be scored against them (diffgap.query_vectors)."""
+    row, and index.json: what a query needs to be scored against them (query_vectors)."""
     _, gal, _ = split.retrieval(direction)
-    name = ("b2a", "a2b")[direction]
+    name = DIRECTION_CHOICES[1 + direction]
     os.makedirs(folder, exist_ok=True)
     save_npy(os.path.join(folder, f"{name}.gallery.npy"),
              gallery_side(score, gal, gallery_translations(translations, direction)))
@@ -356,13 +496,28 @@ def export_gallery(folder: str, split, direction: int, score: str, translations:
             raise ValueError(f"{path}: not an index.json written by --export-gallery; move it away or export to "
                              f"another folder")
     entries[name] = dict(info, score=score, direction=direction, rows=len(gal),
-                         query=f"diffgap.query_vectors(model, queries, {direction}, {score!r}, "
+                         query=f"diffgap_eval.query_vectors(model, queries, {direction}, {score!r}, "
                                f"num_samples={info['num_samples']}, steps={info['steps']}, guidance={info['guidance']:g})")
     atomic_write(path, lambda f: f.write(json.dumps(entries, indent=1).encode()))
     print(f"exported {name}: {len(gal)} gallery rows of the {score} score to {folder}/{name}.gallery.npy (+ ids, index.json)")
 
 
-# 4. Checkpoints: plain dicts of tensors and Python types, written atomically -------------------
+# 5. Checkpoints: {"config", "model", "step", "optimizer", "run"}, plain tensors and Python types -
+
+_count = lambda v, lo: type(v) is int and v >= lo
+# What train.py keeps in a checkpoint's "run" entry and what each value must be. A checkpoint is
+# user input (hand-edited, written by other code): a wrong entry is one line naming the file here,
+# not a KeyError or TypeError deep inside a command.
+RUN_ENTRIES = {
+    "pair": (lambda v: v in PAIRS, " or ".join(PAIRS)),
+    "data": (lambda v: isinstance(v, str) and v != "", "a data spec (a non-empty string)"),
+    "epochs": (lambda v: _count(v, 1), "an integer >= 1"),
+    "batch_size": (lambda v: _count(v, 1), "an integer >= 1"),
+    "lr": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a finite number > 0"),
+    "seed": (lambda v: type(v) is int, "an integer"),
+    "direction": (lambda v: v in DIRECTION_CHOICES, ", ".join(DIRECTION_CHOICES)),
+}
+
 
 def save_checkpoint(path: str, model: DiffGAP, **extra) -> None:
     """Write {"config", "model", **extra} to path atomically and durably (atomic_write)."""
@@ -370,91 +525,52 @@ def save_checkpoint(path: str, model: DiffGAP, **extra) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def _is_int(v, lo: int) -> bool:
-    return type(v) is int and v >= lo
-
-
-def _one_of(choices: tuple) -> tuple:
-    names = [repr(c) for c in choices]
-    return lambda v: v in choices, ", ".join(names[:-1]) + " or " + names[-1]
-
-
-_flag = (lambda v: type(v) is bool, "True or False")
-
-
-# What train.py keeps beside the weights, and what each value must be. A checkpoint is user
-# input (hand-edited, written by other code): a wrong entry is one line naming the file here,
-# not a KeyError or TypeError deep inside a command.
-CHECKPOINT_ENTRIES = {
-    "step": (lambda v: _is_int(v, 0), "an integer >= 0"),
-    "pair": _one_of(PAIRS),
-    "data": (lambda v: isinstance(v, str) and v != "", "a data spec (a non-empty string)"),
-    "epochs": (lambda v: _is_int(v, 1), "an integer >= 1"),
-    "batch_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
-    "lr": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a finite number > 0"),
-    "seed": (lambda v: _is_int(v, -2**63), "an integer"),
-    "direction": _one_of(DIRECTION_CHOICES),
-    "compile": _flag,
-    "optimizer": (lambda v: isinstance(v, dict) and {"state", "param_groups"} <= v.keys(), "an optimizer state dict"),
-}
-
-
-_size = (lambda v: _is_int(v, 1), "an integer >= 1")
-_fraction = (lambda v: type(v) in (int, float) and 0 <= v < 1, "a number in [0, 1)")
-# What a checkpoint's config may hold: values that fail later (switch_every 0 divides by zero,
-# an odd time_dim drops a feature) are refused where the file is read.
-CONFIG_ENTRIES = {
-    **dict.fromkeys(("dim_a", "dim_b", "hidden", "inner", "depth", "timesteps", "switch_every"), _size),
-    "time_dim": (lambda v: _is_int(v, 2) and v % 2 == 0, "an even integer >= 2"),
-    "schedule": _one_of(SCHEDULES), "objective": _one_of(OBJECTIVES),
-    "p_uncond": _fraction, "ema_decay": _fraction,
-    "direction_embedding": _flag, "center": _flag,
-}
-
-
-def config_problem(config) -> str:
-    """'' if config (a dict of DiffGAPConfig fields) can train, else what is wrong with it."""
-    if not isinstance(config, dict):
-        return f"config is {type(config).__name__}, not a dict"
-    for key, value in config.items():
-        if key not in CONFIG_ENTRIES:
-            return f"config has a field {key!r} that DiffGAPConfig does not"
-        valid, expected = CONFIG_ENTRIES[key]
-        if not valid(value):
-            return f"config entry {key!r} is {value!r}"[:120] + f"; expected {expected}"
-    return ""
-
-
 def load_checkpoint(path: str, map_location="cpu", needs: tuple[str, ...] = ()) -> tuple[DiffGAP, dict]:
     """Rebuild the model from a checkpoint: (model, the checkpoint's dict).
 
-    The config is checked (CONFIG_ENTRIES), every entry of CHECKPOINT_ENTRIES that is present
-    too, and those named in `needs` must be present. Raises FileNotFoundError if there is no
-    file, ValueError naming the file if it is unreadable, the config cannot train, the weights
-    do not fit it, an entry is missing or wrong, or a weight is not finite."""
+    The config is checked (DiffGAPConfig refuses what cannot train), "step" and "optimizer" and
+    every RUN_ENTRIES value in "run" that is present too; those named in `needs` ("step",
+    "optimizer" or a run entry) must be present. A checkpoint of the earlier layout (run settings
+    at the top level) is read as this one. Raises FileNotFoundError if there is no file, else
+    ValueError naming the file: unreadable, a config that cannot train, weights that do not fit
+    it, an entry missing or wrong, or a weight that is not finite."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    unusable = lambda why: ValueError(f"{path}: not a usable diffgap checkpoint ({why})")
     try:
         with warnings.catch_warnings():   # torch warns about the pickle protocol of files it then refuses
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        problem = config_problem(ckpt["config"])
-        if not problem:
-            model = DiffGAP(DiffGAPConfig(**ckpt["config"]))
-            model.load_state_dict(ckpt["model"])
     except pickle.UnpicklingError:   # torch's own message suggests weights_only=False, which would run code
         raise ValueError(f"{path}: not a diffgap checkpoint: torch.load(weights_only=True) cannot read it (not a "
                          f"torch.save file of tensors and plain data); nothing in it was run") from None
-    except Exception as e:  # truncated zip, no config, wrong keys, wrong shapes: all mean "not usable"
-        raise ValueError(f"{path}: not a usable diffgap checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if problem:
-        raise ValueError(f"{path}: {problem}")
-    for key, (valid, expected) in CHECKPOINT_ENTRIES.items():
-        if key not in ckpt:
+    except Exception as e:  # a truncated or corrupt zip
+        raise unusable(reason(e)) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise unusable("no config dict")
+    if "run" not in ckpt:   # the earlier layout: run settings at the top level
+        ckpt["run"] = {k: ckpt.pop(k) for k in list(ckpt) if k in RUN_ENTRIES}
+        ckpt.pop("compile", None)
+        ckpt["config"].pop("center", None)   # always on now; off meant zero means, which load as such
+    try:
+        model = DiffGAP(DiffGAPConfig(**ckpt["config"]))
+    except (TypeError, ValueError) as e:   # an unknown field, or a value that cannot train
+        raise ValueError(f"{path}: {reason(e) if isinstance(e, TypeError) else e}") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # no weights, other keys or shapes
+        raise unusable(reason(e)) from None
+    run = ckpt["run"] if isinstance(ckpt["run"], dict) else {}
+    entries = {"step": (lambda v: _count(v, 0), "an integer >= 0", ckpt),
+               "optimizer": (lambda v: isinstance(v, dict) and {"state", "param_groups"} <= v.keys(),
+                             "an optimizer state dict", ckpt),
+               **{k: (*check, run) for k, check in RUN_ENTRIES.items()}}
+    for key, (valid, expected, where) in entries.items():
+        if key not in where:
             if key in needs:
                 raise ValueError(f"{path}: no {key!r} entry, which this command needs (train.py writes it)")
-        elif not valid(ckpt[key]):
-            shown = repr(ckpt[key]) if not isinstance(ckpt[key], dict) else "a dict without 'state' and 'param_groups'"
+        elif not valid(where[key]):
+            shown = repr(where[key]) if not isinstance(where[key], dict) else "a dict without 'state' and 'param_groups'"
             raise ValueError(f"{path}: entry {key!r} is {shown[:80]}; expected {expected}")
     bad = non_finite(model.state_dict())
     if bad:
@@ -472,7 +588,7 @@ def non_finite(tensors: dict) -> str:
     return f"{sum(bad.values()):,} of {total:,} values are not finite (first: {next(iter(bad))})"
 
 
-# 5. Command-line helpers ----------------------------------------------------------------------
+# 6. Command-line helpers ----------------------------------------------------------------------
 
 class ArgParser(argparse.ArgumentParser):
     """argparse with the project's error format: one `error:` line on stderr, exit status 2."""
@@ -483,27 +599,13 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def number(kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
-    """An argparse type: a finite `kind` (int or float) in the range lo..hi (ends excluded if *_open)."""
+    """An argparse type: a finite `kind` (int or float) in lo..hi (embed_cache.base.number)."""
     def parse(text: str):
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        bounds = ([f"{'>' if lo_open else '>='} {lo:g}"] if lo > -math.inf else []) + \
-                 ([f"{'<' if hi_open else '<='} {hi:g}"] if hi < math.inf else [])
-        inside = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-        if not (math.isfinite(value) and inside):
-            raise argparse.ArgumentTypeError(f"must be finite{', ' if bounds else ''}{' and '.join(bounds)}; got {text}")
-        return value
+            return embed_cache.base.number(text, kind, lo, hi, lo_open, hi_open)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return parse
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def set_kernels(name: str, device: torch.device) -> None:

@@ -75,7 +75,7 @@ def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:
     if not args.out:
         raise ValueError("--cond needs --out FILE.npy")
     cond = embed_cache.arrays.check_embeddings(embed_cache.arrays.read_array(args.cond), args.cond)
-    want = model.config.dim_b if direction == 0 else model.config.dim_a
+    want = (model.config.dim_a, model.config.dim_b)[1 - direction]
     if cond.shape[1] != want:
         raise ValueError(f"{args.cond}: condition dim {cond.shape[1]}, but the checkpoint expects {want}")
     g = torch.Generator(device=device).manual_seed(args.seed)
@@ -95,12 +95,13 @@ def main(argv=None) -> int:
     needs = () if args.cond else ("step", "pair") + (() if args.data else ("data",))
     model, ckpt = ev.load_checkpoint(path, needs=needs)
     model.to(device).eval()
-    directions = {"both": (0, 1), "b2a": (0,), "a2b": (1,)}[args.direction]
+    direction = ev.direction_arg(args.direction)
+    directions = (0, 1) if direction is None else (direction,)
     if args.cond:
         generate_to_file(model, args, directions[0], device)
         return 0
 
-    data = embed_cache.load(args.data or ckpt["data"], ckpt["pair"])
+    data = embed_cache.load(args.data or ckpt["run"]["data"], ckpt["run"]["pair"])
     ev.check_dims(data, model)
     names = ev.score_names(data.dims[0] == data.dims[1])
     if args.score not in ("auto", *names):   # a blend weight off the grid joins the candidates
@@ -132,11 +133,11 @@ def main(argv=None) -> int:
         one = model.sample(q, d, steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
                            generator=g)                                                               # (Q, D)
         # the raw conditions against the same targets: the modality gap before DiffGAP
-        fd_cond = f"{dg.frechet_distance(q, gal):14.4f}" if q.shape[1] == gal.shape[1] else f"{'n/a':>14}"
-        quality.append(f"{ev.DIRECTIONS[d]:<10}{dg.frechet_distance(one, gal):10.4f}{fd_cond}"
-                       f"{dg.paired_cosine(one, gal, rel):12.4f}")
+        fd_cond = f"{ev.frechet_distance(q, gal):14.4f}" if q.shape[1] == gal.shape[1] else f"{'n/a':>14}"
+        quality.append(f"{ev.DIRECTIONS[d]:<10}{ev.frechet_distance(one, gal):10.4f}{fd_cond}"
+                       f"{ev.paired_cosine(one, gal, rel):12.4f}")
         if data.oracle is not None:
-            results[d]["oracle"] = dg.retrieval_metrics(data.oracle(q.cpu(), gal.cpu(), d), rel.cpu())
+            results[d]["oracle"] = ev.retrieval_metrics(data.oracle(q.cpu(), gal.cpu(), d), rel.cpu())
     if args.score == "auto":
         print("--score auto, chosen on the validation split:" + "".join(
             f"\n  {ev.DIRECTIONS[d]} {chosen[d]} (val R@1 {100 * results[d][chosen[d]]['val R@1']:.1f}): {reasons[d]}"

@@ -18,11 +18,11 @@ dropout of every step derive from (--seed, step), and the checkpoint holds the r
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import signal
 import time
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
@@ -32,26 +32,11 @@ import diffgap_eval as ev
 import embed_cache
 from diffgap_eval import ArgParser, number
 
-
-
-# Options that define a run: a fresh run takes the default when the option is not given; a
-# resumed run keeps the checkpoint's value and refuses a different one (it would not be the
-# same run any more, and the exact-resume guarantee would be silently gone).
-CONFIG = dg.DiffGAPConfig()   # one set of defaults: the model's and the optimiser's are the run's
-RUN_OPTIONS = {  # option: (default, where the checkpoint keeps it)
-    "data": ("synthetic", lambda c: c["data"]),
-    "batch_size": (64, lambda c: c["batch_size"]),
-    "lr": (inspect.signature(dg.make_optimizer).parameters["lr"].default, lambda c: c["lr"]),
-    "seed": (0, lambda c: c.get("seed", 0)),
-    "direction": ("both", lambda c: c.get("direction", "both")),
-    "objective": (CONFIG.objective, lambda c: c["config"]["objective"]),
-    "schedule": (CONFIG.schedule, lambda c: c["config"]["schedule"]),
-    "p_uncond": (CONFIG.p_uncond, lambda c: c["config"]["p_uncond"]),
-    "ema_decay": (CONFIG.ema_decay, lambda c: c["config"]["ema_decay"]),
-    "switch_every": (CONFIG.switch_every, lambda c: c["config"]["switch_every"]),
-    "no_direction_embedding": (not CONFIG.direction_embedding, lambda c: not c["config"]["direction_embedding"]),
-    "compile": (False, lambda c: c.get("compile", False)),   # compiled kernels round differently
-}
+# The settings that define a run, with their defaults: the run's own (kept in the checkpoint's
+# "run" entry) and the model's (its config). A resumed run keeps the checkpoint's values and
+# refuses a different one given on the command line: it would not be the same run any more.
+RUN_DEFAULTS = dict(data="synthetic", batch_size=64, lr=1e-3, seed=0, direction="both")
+MODEL_OPTIONS = ("objective", "schedule", "p_uncond", "ema_decay", "switch_every", "direction_embedding")
 
 
 def parse_args(argv=None):
@@ -71,8 +56,8 @@ def parse_args(argv=None):
                    help="Adam learning rate, default 1e-3 (paper: 2e-4 over ~94k steps)")
     p.add_argument("--switch-every", type=number(int, 1), help="m: steps per direction phase, default 500 (paper: 5000)")
     p.add_argument("--direction", choices=ev.DIRECTION_CHOICES, help="default both")
-    p.add_argument("--objective", choices=ev.OBJECTIVES, help="default v")
-    p.add_argument("--schedule", choices=ev.SCHEDULES, help="default cosine")
+    p.add_argument("--objective", choices=("eps", "x0", "v"), help="default v")
+    p.add_argument("--schedule", choices=("cosine", "linear"), help="default cosine")
     p.add_argument("--p-uncond", type=number(float, 0, 1, hi_open=True),
                    help="condition dropout in [0, 1), which enables classifier-free guidance; default 0.1 "
                         "(0: paper-faithful, no guidance)")
@@ -81,12 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--gallery-guidance", type=number(float), default=ev.GALLERY_GUIDANCE,
                    help=f"guidance scale of the gallery side of the two-way scores (default {ev.GALLERY_GUIDANCE:g})")
     p.add_argument("--ema-decay", type=number(float, 0, 1, hi_open=True), help="in [0, 1), default 0.999; 0 turns EMA off")
-    p.add_argument("--no-direction-embedding", action="store_const", const=True, help="paper-faithful shared network")
+    p.add_argument("--no-direction-embedding", dest="direction_embedding", action="store_const", const=False,
+                   help="paper-faithful shared network")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged in the final evaluation")
     p.add_argument("--no-eval", action="store_true", help="skip the validation table at the end")
-    p.add_argument("--compile", action="store_const", const=True,
-                   help="torch.compile the training loss: ~1.1x faster steps at batch 64 on a 2-core CPU after "
-                        "~25 s of compiling (once per direction); try it on long runs and other hardware")
     p.add_argument("--out", default="runs", help="checkpoints go to OUT/<pair>/ckpt.pt")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (default: OUT/<pair>/ckpt.pt); the run's settings come from it")
@@ -103,20 +86,18 @@ def parse_args(argv=None):
 
 
 def settle_run_options(args, ckpt) -> None:
-    """Fill RUN_OPTIONS from the defaults (fresh run) or the checkpoint (resumed run)."""
-    for name, (default, stored) in RUN_OPTIONS.items():
+    """Fill the run's settings from the defaults (fresh run) or the checkpoint (resumed run)."""
+    config = asdict(dg.DiffGAPConfig()) if ckpt is None else ckpt["config"]
+    kept = {**RUN_DEFAULTS, **(ckpt["run"] if ckpt else {}), **{k: config[k] for k in MODEL_OPTIONS}}
+    for name in list(RUN_DEFAULTS) + list(MODEL_OPTIONS):
         given = getattr(args, name)
-        if ckpt is None:
-            setattr(args, name, default if given is None else given)
-            continue
-        kept = stored(ckpt)
-        if given is not None and given != kept:
-            raise ValueError(f"--{name.replace('_', '-')} {given} differs from the checkpoint's {kept}: "
-                             f"a resumed run keeps its settings")
-        setattr(args, name, kept)
+        if ckpt is not None and given is not None and given != kept[name]:
+            option = "--no-direction-embedding" if name == "direction_embedding" else "--" + name.replace("_", "-")
+            raise ValueError(f"{option} {given} differs from the checkpoint's {kept[name]}: a resumed run keeps its settings")
+        setattr(args, name, kept[name] if given is None else given)
     args.epochs_given = args.epochs is not None
     if args.epochs is None and ckpt is not None:
-        args.epochs = ckpt.get("epochs", 30)
+        args.epochs = ckpt["run"].get("epochs", 30)
 
 
 def training_length(args, per_epoch: int) -> tuple[int, str]:
@@ -136,17 +117,14 @@ def some_parameters_idle(config: dg.DiffGAPConfig) -> bool:
     """Whether some training steps leave parameters out of the loss, which DistributedDataParallel
     must be told (find_unused_parameters, a graph walk per step): with unequal dims each direction
     uses its own adapters, and without condition dropout (p_uncond = 0) the null condition is
-    never used. Everything else (direction embedding on or off, objective, schedule) uses every
-    parameter at every step; tests/test_distributed.py checks this rule against real gradients."""
+    never used. Everything else uses every parameter at every step (tests/test_distributed.py
+    checks this rule against real gradients)."""
     return config.dim_a != config.dim_b or config.p_uncond == 0
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device): torch.distributed under torchrun (WORLD_SIZE > 1), else (0, 1, device).
-
-    gloo on the CPU, nccl on CUDA (one GPU per process, LOCAL_RANK). diffgap.py itself never
-    needs torch.distributed: the plumbing is here.
-    """
+    """(rank, world_size, device): torch.distributed under torchrun (WORLD_SIZE > 1), else (0, 1, device);
+    gloo on the CPU, nccl on CUDA (one GPU per process, LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -176,27 +154,20 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     if args.resume:
         resume_path = ckpt_path if args.resume == "auto" else args.resume
         model, ckpt = ev.load_checkpoint(resume_path, needs=("optimizer", "step", "pair", "data", "batch_size", "lr"))
-        if ckpt["pair"] != args.pair:
-            raise ValueError(f"{resume_path}: checkpoint is for --pair {ckpt['pair']}, not {args.pair}")
+        if ckpt["run"]["pair"] != args.pair:
+            raise ValueError(f"{resume_path}: checkpoint is for --pair {ckpt['run']['pair']}, not {args.pair}")
     settle_run_options(args, ckpt)
     torch.manual_seed(args.seed)   # the initial weights; training draws from (seed, step) itself
     data = embed_cache.load(args.data, args.pair)
     train = data.splits["train"]
     a, b = train.pairs()
     per_epoch = dg.steps_per_epoch(len(a), args.batch_size)
-    dim_a, dim_b = data.dims
     if ckpt is None:
-        config = dg.DiffGAPConfig(dim_a=dim_a, dim_b=dim_b, objective=args.objective, schedule=args.schedule,
-                                  p_uncond=args.p_uncond, direction_embedding=not args.no_direction_embedding,
-                                  switch_every=args.switch_every, ema_decay=args.ema_decay)
-        model = dg.DiffGAP(config)
+        model = dg.DiffGAP(dg.DiffGAPConfig(*data.dims, **{k: getattr(args, k) for k in MODEL_OPTIONS}))
         model.fit_stats(train.a, train.b)
     else:
         ev.check_dims(data, model)
     model.to(device)
-    if args.compile:  # falls back to eager for anything the compiler cannot handle
-        torch._dynamo.config.suppress_errors = True
-        model.loss = torch.compile(model.loss, dynamic=False)
     ddp = None
     if world > 1:  # averages the gradients of the ranks' slices (EMA and buffers are not trained)
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -208,8 +179,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, TypeError) as e:   # another model's state, or a damaged one
-            raise ValueError(f"{resume_path}: its optimizer state does not fit the model ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160]})") from None
+            raise ValueError(f"{resume_path}: its optimizer state does not fit the model ({ev.reason(e)})") from None
         start_step = ckpt["step"]
 
     args.epochs, why = training_length(args, per_epoch)
@@ -235,9 +205,9 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
             if bad:   # never overwrite the last good checkpoint with a diverged model
                 raise diverged(f"step {step}: {bad}")
             saved["step"] = step
-            ev.save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=step, pair=args.pair,
-                               data=data.spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               seed=args.seed, direction=args.direction, compile=args.compile)
+            run = {"pair": args.pair, "data": data.spec, "epochs": args.epochs,
+                   **{k: getattr(args, k) for k in RUN_DEFAULTS if k != "data"}}
+            ev.save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=step, run=run)
 
     def should_stop() -> bool:
         """Whether any rank was asked to stop; under torchrun all ranks must stop at the same step."""
@@ -263,8 +233,8 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
         loss_log = open(args.loss_log, "a" if ckpt else "w")
     try:
         for stats in dg.train_steps(model, a, b, optimizer, max(0, total - start_step), args.batch_size,
-                                    start_step=start_step, direction=args.direction, seed=args.seed,
-                                    share=(rank, world), net=ddp):
+                                    start_step=start_step, direction=ev.direction_arg(args.direction),
+                                    seed=args.seed, share=(rank, world), net=ddp):
             step = stats["step"]
             bar.update(1)
             if loss_log:
@@ -301,15 +271,15 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     gallery_guidance = ev.rank_guidance(model, args.gallery_guidance)
     # sample.py reuses these translations (its defaults: K 16, 5 DDIM steps, sampling seed 0)
     translations = ev.split_translations(model, val, "val", ckpt_path, args.num_samples, guidance=guidance,
-                                      gallery_guidance=gallery_guidance)
+                                         gallery_guidance=gallery_guidance)
     results, chosen = {}, {}
     for d in (0, 1):
         every = ev.split_scores(val, d, translations)
         chosen[d] = ev.choose_score(every)
         results[d] = {k: v for k, v in every.items() if k in ("contrastive", "diffgap", "two-way", chosen[d])}
     say(ev.retrieval_table(results, f"validation retrieval (%), 5 DDIM steps, K={args.num_samples} samples averaged, "
-                                 f"{ev.guidance_words(guidance, gallery_guidance)}; * the score sample.py --score auto "
-                                 f"will use:", chosen))
+                                    f"{ev.guidance_words(guidance, gallery_guidance)}; * the score sample.py --score auto "
+                                    f"will use:", chosen))
     return 0
 
 

@@ -74,10 +74,10 @@ def main(argv=None) -> int:
     path = find_checkpoint(args.ckpt)
     model, ckpt = ev.load_checkpoint(path, needs=("step", "pair", "data"))
     model.eval()
-    data = embed_cache.load(ckpt["data"], ckpt["pair"])
+    data = embed_cache.load(ckpt["run"]["data"], ckpt["run"]["pair"])
     if data.dims[0] != data.dims[1]:
         raise SystemExit(f"{path}: the picture needs both modalities in one space (dims {data.dims})")
-    test, other = data.splits["test"], ckpt["pair"].split("-")[1]
+    test, other = data.splits["test"], ckpt["run"]["pair"].split("-")[1]
     g = torch.Generator().manual_seed(args.seed)
 
     # left: one real pair per audio item (its first B row), and audio generated from those B rows
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
                                     ("generated", f"audio generated from {other}"))):
         left.parts.append(f'<circle cx="34" cy="{66 + 18 * i}" r="5" fill="{COLOURS[k]}"/>')
         left.text(46, 71 + 18 * i, label)
-    left.text(230, 40, f"test embeddings, PCA of the real ones ({ckpt['pair']})", 14, "middle")
+    left.text(230, 40, f"test embeddings, PCA of the real ones ({ckpt['run']['pair']})", 14, "middle")
 
     # right: R@1 against K for the diffgap score, both directions; contrastive and two-way for scale
     guidance = rank_guidance(model, RANK_GUIDANCE)

@@ -11,7 +11,7 @@ def test_single_relevant_item():
     scores = torch.tensor([[0.9, 0.1, 0.5, 0.3],    # correct 0 -> rank 1
                            [0.9, 0.1, 0.5, 0.3],    # correct 2 -> rank 2
                            [0.2, 0.8, 0.6, 0.7]])   # correct 0 -> rank 4
-    m = dg.retrieval_metrics(scores, torch.tensor([0, 2, 0]), ks=(1, 2, 5))
+    m = ev.retrieval_metrics(scores, torch.tensor([0, 2, 0]), ks=(1, 2, 5))
     assert m["R@1"] == pytest.approx(1 / 3)
     assert m["R@2"] == pytest.approx(2 / 3)
     assert m["R@5"] == pytest.approx(1.0)
@@ -24,7 +24,7 @@ def test_several_relevant_items_per_query():
                            [0.1, 0.2, 0.3, 0.4, 0.5]])
     rel = torch.tensor([[False, True, False, True, False],   # hits at ranks 2 and 4
                         [True, False, False, False, False]])  # hit at rank 5
-    m = dg.retrieval_metrics(scores, rel, ks=(1, 2, 5))
+    m = ev.retrieval_metrics(scores, rel, ks=(1, 2, 5))
     assert m["R@1"] == 0.0 and m["R@2"] == 0.5 and m["R@5"] == 1.0
     assert m["median_rank"] == pytest.approx(3.5)  # mean of the two middle ranks, 2 and 5
     ap0 = (1 / 2 + 2 / 4) / 2                       # precision at each hit over min(n_rel, 10)
@@ -38,45 +38,45 @@ def test_map_at_10_never_exceeds_one():
     rel = torch.zeros(20, 30, dtype=torch.bool)
     rel[:, :15] = True   # 15 relevant items, more than 10
     scores[:, :15] += 10  # all ranked first
-    m = dg.retrieval_metrics(scores, rel)
+    m = ev.retrieval_metrics(scores, rel)
     assert m["mAP@10"] == pytest.approx(1.0)
 
 
 def test_ties_go_to_the_lower_gallery_index():
     scores = torch.tensor([[0.5, 0.5, 0.5]])
-    assert dg.retrieval_metrics(scores, torch.tensor([0]))["R@1"] == 1.0
-    assert dg.retrieval_metrics(scores, torch.tensor([2]), ks=(1, 2, 3))["R@2"] == 0.0
+    assert ev.retrieval_metrics(scores, torch.tensor([0]))["R@1"] == 1.0
+    assert ev.retrieval_metrics(scores, torch.tensor([2]), ks=(1, 2, 3))["R@2"] == 0.0
 
 
 def test_bad_relevance_is_refused():
     with pytest.raises(ValueError, match="no relevant"):
-        dg.retrieval_metrics(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+        ev.retrieval_metrics(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="shape"):
-        dg.retrieval_metrics(torch.randn(2, 3), torch.zeros(2, 4, dtype=torch.bool))
+        ev.retrieval_metrics(torch.randn(2, 3), torch.zeros(2, 4, dtype=torch.bool))
 
 
 def test_frechet_distance_closed_forms():
     torch.manual_seed(0)
     x = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
-    assert dg.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    assert ev.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
     # y = 2x + 1: S_y = 4 S_x commutes with S_x, so FD = |mu_x - mu_y|^2 + tr(S_x)
     y = 2 * x + 1
     xn = x.numpy()
     expected = np.sum((xn.mean(0) - (2 * xn + 1).mean(0)) ** 2) + np.trace(np.cov(xn.T))
-    assert dg.frechet_distance(x, y) == pytest.approx(expected, rel=1e-8)
+    assert ev.frechet_distance(x, y) == pytest.approx(expected, rel=1e-8)
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2
     u, v = torch.randn(1000, 1, dtype=torch.float64), 3 * torch.randn(1000, 1, dtype=torch.float64) + 2
     s1, s2 = np.std(u.numpy(), ddof=1), np.std(v.numpy(), ddof=1)
     expected = (u.mean() - v.mean()).item() ** 2 + (s1 - s2) ** 2
-    assert dg.frechet_distance(u, v) == pytest.approx(expected, rel=1e-8)
+    assert ev.frechet_distance(u, v) == pytest.approx(expected, rel=1e-8)
 
 
 def test_frechet_distance_is_symmetric_for_non_commuting_covariances():
     torch.manual_seed(1)
     x = torch.randn(400, 5) @ torch.randn(5, 5)
     y = torch.randn(400, 5) @ torch.randn(5, 5) + 0.5
-    assert dg.frechet_distance(x, y) == pytest.approx(dg.frechet_distance(y, x), rel=1e-6)
-    assert dg.frechet_distance(x, y) > 0
+    assert ev.frechet_distance(x, y) == pytest.approx(ev.frechet_distance(y, x), rel=1e-6)
+    assert ev.frechet_distance(x, y) > 0
 
 
 @pytest.mark.parametrize("dims", [(16, 16), (16, 24)])   # the two halves may differ in dim
@@ -93,17 +93,17 @@ def test_every_score_is_one_inner_product_and_ranks_like_its_dense_formula(dims)
     many[torch.arange(30), single] = True
     for name in names:
         learned, lam = ev.parse_score(name)
-        dense = dg.cosine_scores(g_hat, gal) if learned == "diffgap" else \
-            (dg.cosine_scores(g_hat, gal) + dg.cosine_scores(q, q_hat)) / 2
+        dense = ev.cosine_scores(g_hat, gal) if learned == "diffgap" else \
+            (ev.cosine_scores(g_hat, gal) + ev.cosine_scores(q, q_hat)) / 2
         if lam < 1:
-            dense = (1 - lam) * dg.cosine_scores(q, gal) + lam * dense
+            dense = (1 - lam) * ev.cosine_scores(q, gal) + lam * dense
         qv, gv = ev.query_side(name, q, g_hat), ev.gallery_side(name, gal, q_hat)
         assert qv.shape[1] == gv.shape[1] == (d_g if learned == "diffgap" else d_g + d_q)
         assert torch.allclose(gv.norm(dim=1), torch.ones(50), atol=1e-6)      # unit rows: ready for an index
         assert torch.allclose(qv @ gv.T, dense / (1 if learned == "diffgap" else 2 ** 0.5), atol=1e-5), name
         for relevant in (single, many):
             assert ev.score_retrieval(q, gal, relevant, g_hat, q_hat, scores=[name])[name]["R@1"] == \
-                pytest.approx(dg.retrieval_metrics(dense, relevant)["R@1"])
+                pytest.approx(ev.retrieval_metrics(dense, relevant)["R@1"])
 
 
 def test_score_names_parse_and_bad_names_are_refused():
@@ -141,6 +141,6 @@ def test_tied_correct_items_beyond_the_top_10_in_different_chunks_count_the_firs
                    torch.tensor([[0.6, 0.8]]).repeat(12, 1)])      # 12 tied items, chunks 8..15 and 16..23
     rel = torch.zeros(1, 24, dtype=torch.bool)
     rel[0, [13, 21]] = True                                        # two tied correct items in two chunks
-    m, ranks = dg.retrieval_metrics_from_embeddings(q, g, rel, chunk=8, return_ranks=True)
+    m, ranks = ev.retrieval_metrics_from_embeddings(q, g, rel, chunk=8, return_ranks=True)
     assert ranks.tolist() == [14]                                  # 12 ahead, then item 12 (a lower index)
-    assert m == dg.retrieval_metrics(dg.cosine_scores(q, g), rel)
+    assert m == ev.retrieval_metrics(ev.cosine_scores(q, g), rel)

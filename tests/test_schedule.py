@@ -7,9 +7,14 @@ import torch
 import diffgap as dg
 
 
+def betas_of(alpha_bar):
+    """beta_t = 1 - abar_t / abar_{t-1}, with abar_{-1} = 1."""
+    return 1 - alpha_bar / torch.cat([torch.ones(1, dtype=alpha_bar.dtype), alpha_bar[:-1]])
+
+
 def test_linear_schedule_golden_values():
     T = 1000
-    s = dg.make_schedule("linear", T)
+    ab = dg.make_schedule("linear", T)
     betas = [1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
     alpha_bar = []
     prod = 1.0
@@ -17,11 +22,11 @@ def test_linear_schedule_golden_values():
         prod *= 1 - b
         alpha_bar.append(prod)
     for t in (0, 1, 499, 998, 999):
-        assert s["beta"][t].item() == pytest.approx(betas[t], rel=1e-6)
-        assert s["alpha_bar"][t].item() == pytest.approx(alpha_bar[t], rel=1e-5)
+        assert betas_of(ab)[t].item() == pytest.approx(betas[t], rel=1e-9)
+        assert ab[t].item() == pytest.approx(alpha_bar[t], rel=1e-9)
     # well-known value: the linear schedule ends at alpha_bar_T ~ 4.04e-5
-    assert s["alpha_bar"][-1].item() == pytest.approx(4.0358e-5, rel=1e-3)
-    assert all(v.dtype == torch.float32 and v.shape == (T,) for v in s.values())
+    assert ab[-1].item() == pytest.approx(4.0358e-5, rel=1e-3)
+    assert ab.dtype == torch.float64 and ab.shape == (T,)
 
 
 def test_cosine_schedule_golden_values():
@@ -32,42 +37,27 @@ def test_cosine_schedule_golden_values():
     for b in betas:
         prod *= 1 - b
         alpha_bar.append(prod)
-    s = dg.make_schedule("cosine", T)
+    ab = dg.make_schedule("cosine", T)
     for t in (0, 10, 500, 900, 998):
-        assert s["alpha_bar"][t].item() == pytest.approx(alpha_bar[t], rel=1e-5)
+        assert ab[t].item() == pytest.approx(alpha_bar[t], rel=1e-9)
         # before clipping, alpha_bar_t is f(t+1)/f(0)
-        assert s["alpha_bar"][t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-4)
-    assert s["beta"][-1].item() == pytest.approx(0.999)  # the clip at the end of the schedule
-    assert s["alpha_bar"][-1].item() == pytest.approx(alpha_bar[-1], rel=1e-5)
-    assert s["alpha_bar"][-1].item() < 1e-8
-    assert s["alpha_bar_prev"][0].item() == 1.0
-    post = s["beta"] * (1 - s["alpha_bar_prev"]) / (1 - s["alpha_bar"])
-    assert torch.allclose(s["posterior_variance"], post)
-    assert s["posterior_variance"][0].item() == 0.0
+        assert ab[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+    assert betas_of(ab)[-1].item() == pytest.approx(0.999)  # the clip at the end of the schedule
+    assert betas_of(ab)[:-1].max().item() < 0.999
+    assert ab[-1].item() == pytest.approx(alpha_bar[-1], rel=1e-9)
+    assert ab[-1].item() < 1e-8
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
-def test_schedules_are_computed_in_float64(kind):
-    """Every value is the float64 result rounded once to float32: a float32 cumulative product
-    would drift by ~1e-5 relative over 1000 steps (and alpha_bar_{T-1} of cosine is ~6e-9)."""
-    T = 1000
-    if kind == "linear":
-        betas = [1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
-    else:
-        f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = [min(1 - f(t + 1) / f(t), 0.999) for t in range(T)]
-    s = dg.make_schedule(kind, T)
-    prod = 1.0
-    for t, b in enumerate(betas):
-        prev, prod = prod, prod * (1 - b)
-        if t % 37 == 0 or t >= T - 2:
-            assert s["alpha"][t].item() == pytest.approx(1 - b, rel=1e-7, abs=0)
-            assert s["alpha_bar"][t].item() == pytest.approx(prod, rel=1e-7, abs=0)
-            assert s["alpha_bar_prev"][t].item() == pytest.approx(prev, rel=1e-7, abs=0)
-            assert s["sqrt_alpha_bar"][t].item() == pytest.approx(math.sqrt(prod), rel=1e-7, abs=0)
-            assert s["sqrt_one_minus_alpha_bar"][t].item() == pytest.approx(math.sqrt(1 - prod), rel=1e-7, abs=0)
-    assert sorted(s) == sorted(["beta", "alpha", "alpha_bar", "alpha_bar_prev", "sqrt_alpha_bar",
-                                "sqrt_one_minus_alpha_bar", "posterior_variance"])
+def test_the_model_holds_the_float64_schedule_rounded_once(kind):
+    """The samplers and the loss read float32 tables, each the float64 value rounded once: a float32
+    cumulative product would drift by ~1e-5 relative over 1000 steps (alpha_bar_{T-1} of cosine is ~6e-9)."""
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, depth=1, schedule=kind))
+    ab = dg.make_schedule(kind, 1000)
+    for name, want in (("alpha_bar", ab), ("sqrt_alpha_bar", ab.sqrt()), ("sqrt_one_minus_alpha_bar", (1 - ab).sqrt())):
+        got = getattr(model, name)
+        assert got.dtype == torch.float32 and got.device.type == "cpu" and torch.equal(got, want.float()), name
+    assert not any("alpha" in k for k in model.state_dict())   # recomputed, not stored in checkpoints
 
 
 def test_timestep_embedding_is_the_sinusoidal_one():

@@ -43,7 +43,7 @@ def test_direction_sequence_continues_across_a_resume(tmp_path):
 def test_one_direction_only():
     model = small_model()
     a, b = torch.randn(16, 16), torch.randn(16, 16)
-    dirs = {s["direction"] for s in dg.train_steps(model, a, b, dg.make_optimizer(model), 8, 4, direction="a2b")}
+    dirs = {s["direction"] for s in dg.train_steps(model, a, b, dg.make_optimizer(model), 8, 4, direction=1)}
     assert dirs == {1}
 
 
@@ -63,10 +63,8 @@ def test_the_derived_seeds_are_fixed():
     # epoch e's order is the permutation drawn from derived_seed(seed, "epoch", e)
     g = torch.Generator().manual_seed(dg.derived_seed(3, "epoch", 2))
     assert torch.equal(dg.epoch_order(40, 2, seed=3), torch.randperm(40, generator=g))
-    assert torch.equal(dg.batch_indices(40, 8, 11, seed=3), dg.epoch_order(40, 2, seed=3)[8:16])   # epoch 2, batch 1
     # the defaults are seed 0's, as train.py's
     assert torch.equal(dg.epoch_order(40, 2), dg.epoch_order(40, 2, seed=0))
-    assert torch.equal(dg.batch_indices(40, 8, 11), dg.batch_indices(40, 8, 11, seed=0))
 
 
 def record_steps(model, a, b, steps, *args, **kw):
@@ -82,7 +80,7 @@ def record_steps(model, a, b, steps, *args, **kw):
 
 
 def test_each_step_trains_its_batch_and_draws_and_a_share_takes_its_half():
-    """Step s: rows batch_indices(N, B, s, seed), target and condition swapped with the direction,
+    """Step s: batch s % (N // B) of epoch_order(N, s // (N // B), seed), target and condition swapped with the direction,
     then from one generator seeded by derived_seed(seed, "step", s): t uniform over 0..T-1, eps ~
     N(0, I) in the model's dtype, the condition dropped with probability p_uncond (None when 0). The
     draws are pinned, like the seeds: a checkpoint resumes bit-identically across versions only
@@ -93,7 +91,7 @@ def test_each_step_trains_its_batch_and_draws_and_a_share_takes_its_half():
     torch.manual_seed(0)
     one = record_steps(fresh(), a, b, 12, 8, start_step=1)            # the default seed, 0
     for s, (target, cond, d, t, eps, drop) in enumerate(one, start=1):
-        rows = dg.batch_indices(40, 8, s)
+        rows = dg.epoch_order(40, s // 5)[s % 5 * 8:(s % 5 + 1) * 8]          # 40 // 8 = 5 batches an epoch
         assert d == (s // 3) % 2
         assert torch.equal(target, (a, b)[d][rows]) and torch.equal(cond, (b, a)[d][rows])
         g = torch.Generator().manual_seed(dg.derived_seed(0, "step", s))
@@ -175,7 +173,7 @@ def test_short_real_run_learns_and_beats_contrastive():
     model.fit_stats(train.a, train.b)
     a, b = train.pairs()
     opt = dg.make_optimizer(model, lr=2e-3)
-    losses = [s["loss"] for s in dg.train_steps(model, a, b, opt, 1200, batch_size=128, direction="b2a", seed=0)]
+    losses = [s["loss"] for s in dg.train_steps(model, a, b, opt, 1200, batch_size=128, direction=0, seed=0)]
     first, last = sum(losses[:100]) / 100, sum(losses[-100:]) / 100
     assert last < 0.9 * first
     model.eval()

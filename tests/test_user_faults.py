@@ -28,16 +28,16 @@ def six_pairs(side: str, row: int = 5):
 @pytest.mark.parametrize("side", ["query", "gallery"])
 def test_a_non_finite_row_is_named_by_every_metric_entry_point(side):
     q, g = six_pairs(side)
-    assert dg.retrieval_metrics(dg.cosine_scores(torch.eye(6, 8), torch.eye(6, 8)), torch.arange(6))["R@1"] == 1.0
+    assert ev.retrieval_metrics(ev.cosine_scores(torch.eye(6, 8), torch.eye(6, 8)), torch.arange(6))["R@1"] == 1.0
     calls = {   # name: (call, the words naming the bad row's side for a bad query / gallery row)
-        "cosine_scores": (lambda: dg.cosine_scores(q, g), "query", "gallery"),
-        "streamed, labels": (lambda: dg.retrieval_metrics_from_embeddings(q, g, torch.arange(6)), "query", "gallery"),
-        "streamed, mask": (lambda: dg.retrieval_metrics_from_embeddings(q, g, torch.eye(6, dtype=torch.bool), chunk=4),
+        "cosine_scores": (lambda: ev.cosine_scores(q, g), "query", "gallery"),
+        "streamed, labels": (lambda: ev.retrieval_metrics_from_embeddings(q, g, torch.arange(6)), "query", "gallery"),
+        "streamed, mask": (lambda: ev.retrieval_metrics_from_embeddings(q, g, torch.eye(6, dtype=torch.bool), chunk=4),
                            "query", "gallery"),
         "score_retrieval": (lambda: ev.score_retrieval(q, g, torch.arange(6), torch.eye(6, 8), torch.eye(6, 8)),
                             "query", "gallery"),
-        "paired_cosine": (lambda: dg.paired_cosine(q, g, torch.arange(6)), "generated", "gallery"),
-        "frechet_distance": (lambda: dg.frechet_distance(q, g), "first set", "second set"),
+        "paired_cosine": (lambda: ev.paired_cosine(q, g, torch.arange(6)), "generated", "gallery"),
+        "frechet_distance": (lambda: ev.frechet_distance(q, g), "first set", "second set"),
     }
     for name, (call, query_word, gallery_word) in calls.items():
         word = query_word if side == "query" else gallery_word
@@ -49,7 +49,7 @@ def test_non_finite_scores_and_translations_are_refused():
     scores = torch.rand(3, 4)
     scores[1, 2] = float("inf")
     with pytest.raises(ValueError, match=r"scores row 1 is not finite"):
-        dg.retrieval_metrics(scores, torch.tensor([0, 1, 2]))
+        ev.retrieval_metrics(scores, torch.tensor([0, 1, 2]))
     q = torch.eye(4)
     bad = q.clone()
     bad[2, 0] = float("nan")
@@ -64,15 +64,15 @@ def test_a_tie_gives_the_same_metrics_as_labels_and_as_a_mask():
     v = torch.tensor([[0.6, 0.8]])
     g = torch.cat([3 * v, v])       # the same direction: a tie, item 0 first by the lower-index rule
     for relevant in (torch.tensor([1]), torch.tensor([[False, True]])):
-        for m in (dg.retrieval_metrics(dg.cosine_scores(v, g), relevant),
-                  dg.retrieval_metrics_from_embeddings(v, g, relevant)):
+        for m in (ev.retrieval_metrics(ev.cosine_scores(v, g), relevant),
+                  ev.retrieval_metrics_from_embeddings(v, g, relevant)):
             assert (m["R@1"], m["R@5"], m["median_rank"], m["mAP@10"]) == (0.0, 1.0, 2.0, 0.5)
     # a direction whose two normalised copies differ in the last bit: whichever comes first, both
     # relevance forms and every metric agree (R@1 = 1 exactly when AP@10 = 1)
     v = torch.tensor([[-0.5663174986839294, 0.3731146454811096, -0.8919953107833862, -1.5091077089309692]])
     g = torch.cat([3 * v, v])
-    by_label = dg.retrieval_metrics_from_embeddings(v, g, torch.tensor([1]))
-    assert by_label == dg.retrieval_metrics_from_embeddings(v, g, torch.tensor([[False, True]]))
+    by_label = ev.retrieval_metrics_from_embeddings(v, g, torch.tensor([1]))
+    assert by_label == ev.retrieval_metrics_from_embeddings(v, g, torch.tensor([[False, True]]))
     assert by_label["mAP@10"] == (1.0 if by_label["R@1"] == 1.0 else 0.5)
 
 
@@ -93,13 +93,13 @@ def near_tie_gallery(n=400, d=32, seed=0):
 def test_near_ties_rank_alike_by_label_mask_and_chunk(chunk):
     q, g, labels = near_tie_gallery()
     mask = F.one_hot(labels, len(g)).bool()
-    by_label, ranks = dg.retrieval_metrics_from_embeddings(q, g, labels, chunk=chunk, return_ranks=True)
-    by_mask = dg.retrieval_metrics_from_embeddings(q, g, mask, chunk=chunk)
+    by_label, ranks = ev.retrieval_metrics_from_embeddings(q, g, labels, chunk=chunk, return_ranks=True)
+    by_mask = ev.retrieval_metrics_from_embeddings(q, g, mask, chunk=chunk)
     assert by_label == by_mask
     # the one ordering: the rank of each label is 1 + the items ahead of it, ties to the lower index
-    s = dg.cosine_scores(q, g) if chunk >= len(g) else None
+    s = ev.cosine_scores(q, g) if chunk >= len(g) else None
     if s is not None:
-        assert by_label == dg.retrieval_metrics(s, labels)
+        assert by_label == ev.retrieval_metrics(s, labels)
         ahead = (s > s.gather(1, labels[:, None])) | ((s == s.gather(1, labels[:, None])) &
                                                       (torch.arange(len(g)) < labels[:, None]))
         assert torch.equal(ranks, ahead.sum(1) + 1)
@@ -111,19 +111,19 @@ def test_tied_correct_items_in_different_chunks_count_the_first():
     q = torch.tensor([[1.0, 0.0]])
     g = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])   # two identical correct rows, chunks of 2
     rel = torch.tensor([[False, False, False, True]])
-    m = dg.retrieval_metrics_from_embeddings(q, g, rel, chunk=2)
+    m = ev.retrieval_metrics_from_embeddings(q, g, rel, chunk=2)
     assert m["R@1"] == 0.0 and m["median_rank"] == 2.0    # item 1 ties with item 3 and comes first
     rel = torch.tensor([[False, True, False, True]])
-    m = dg.retrieval_metrics_from_embeddings(q, g, rel, chunk=2)
-    assert m["R@1"] == 1.0 and m["mAP@10"] == 1.0 and m == dg.retrieval_metrics(dg.cosine_scores(q, g), rel)
+    m = ev.retrieval_metrics_from_embeddings(q, g, rel, chunk=2)
+    assert m["R@1"] == 1.0 and m["mAP@10"] == 1.0 and m == ev.retrieval_metrics(ev.cosine_scores(q, g), rel)
 
 
 # -- the median rank's convention ---------------------------------------------------------------
 def test_median_rank_is_the_median_of_one_based_ranks_and_the_table_says_so():
     scores = torch.tensor([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.9, 0.5, 0.0], [0.9, 0.5, 0.3]])
-    m = dg.retrieval_metrics(scores, torch.tensor([0, 0, 1, 2]))          # ranks 1, 1, 2, 3
+    m = ev.retrieval_metrics(scores, torch.tensor([0, 0, 1, 2]))          # ranks 1, 1, 2, 3
     assert m["median_rank"] == 1.5
-    assert dg.retrieval_metrics_from_embeddings(torch.eye(4), torch.eye(4), torch.arange(4))["median_rank"] == 1.0
+    assert ev.retrieval_metrics_from_embeddings(torch.eye(4), torch.eye(4), torch.arange(4))["median_rank"] == 1.0
     table = retrieval_table({0: {"contrastive": m}}, "t")
     assert table.splitlines()[2].split()[-1] == "1.5" and table.endswith(MEDR_LEGEND)
     assert "floor(median of 0-based ranks) + 1" in MEDR_LEGEND
@@ -269,20 +269,25 @@ SPEC = "synthetic:dim=16,rank=4,classes=8,n_train=64,n_val=16,n_test=16"
 MISSING = object()
 
 
-def write_checkpoint(path, **change):
-    """A checkpoint as train.py writes it (tiny model, SPEC's dims), with entries changed or removed."""
+def write_checkpoint(path, old_layout=False, **change):
+    """A checkpoint as train.py writes it (tiny model, SPEC's dims), with entries changed or removed:
+    "config.X" and "run.X" name entries inside those dicts. old_layout: as the earlier train.py
+    wrote it (run settings at the top level, config["center"], "compile")."""
     torch.manual_seed(0)
     model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=16, dim_b=16, hidden=16, inner=8, depth=1, time_dim=8))
-    entries = dict(optimizer=dg.make_optimizer(model).state_dict(), step=4, pair="audio-video", data=SPEC, epochs=1,
-                   batch_size=16, lr=1e-3, seed=0, direction="both", compile=False)
-    ev.save_checkpoint(str(path), model, **entries)
+    run = dict(pair="audio-video", data=SPEC, epochs=1, batch_size=16, lr=1e-3, seed=0, direction="both")
+    ev.save_checkpoint(str(path), model, optimizer=dg.make_optimizer(model).state_dict(), step=4, run=run)
     ckpt = torch.load(path, weights_only=True)
+    if old_layout:
+        ckpt.update(ckpt.pop("run"), compile=False)
+        ckpt["config"]["center"] = True
     for key, value in change.items():
-        where, key = (ckpt["config"], key[7:]) if key.startswith("config.") else (ckpt, key)
+        part, _, name = key.rpartition(".")
+        where = ckpt[part] if part else ckpt
         if value is MISSING:
-            del where[key]
+            del where[name]
         else:
-            where[key] = value
+            where[name] = value
     torch.save(ckpt, path)
 
 
@@ -294,14 +299,15 @@ def one_error_line(capsys, main, argv) -> str:
     return err
 
 
-BAD_ENTRIES = [   # (entry, value), and the words the line must hold
+BAD_ENTRIES = [   # (entry, value), and the words the line must hold after the file's name
     ("step", MISSING, "no 'step' entry"), ("step", "x", "entry 'step' is 'x'; expected an integer >= 0"),
     ("step", -1, "entry 'step' is -1"), ("step", 2.5, "entry 'step' is 2.5"),
-    ("pair", MISSING, "no 'pair' entry"), ("pair", "audio-image", "entry 'pair' is 'audio-image'"),
-    ("data", MISSING, "no 'data' entry"), ("data", 3, "entry 'data' is 3; expected a data spec"),
-    ("config.switch_every", 0, "config entry 'switch_every' is 0; expected an integer >= 1"),
-    ("config.time_dim", 7, "config entry 'time_dim' is 7; expected an even integer"),
-    ("config.p_uncond", 1.5, "config entry 'p_uncond' is 1.5; expected a number in [0, 1)"),
+    ("run.pair", MISSING, "no 'pair' entry"), ("run.pair", "audio-image", "entry 'pair' is 'audio-image'"),
+    ("run.data", MISSING, "no 'data' entry"), ("run.data", 3, "entry 'data' is 3; expected a data spec"),
+    ("config.switch_every", 0, "DiffGAPConfig.switch_every is 0; expected an integer >= 1"),
+    ("config.time_dim", 7, "DiffGAPConfig.time_dim is 7; expected an even integer"),
+    ("config.p_uncond", 1.5, "DiffGAPConfig.p_uncond is 1.5; expected a number in [0, 1)"),
+    ("config.width", 3, "unexpected keyword argument 'width'"),
 ]
 
 
@@ -320,9 +326,9 @@ def test_a_bad_checkpoint_entry_is_one_line_naming_the_file_in_sample_and_resume
 
 @pytest.mark.parametrize("key,value,words", [
     ("optimizer", MISSING, "no 'optimizer' entry"), ("optimizer", {"lr": 1}, "entry 'optimizer' is a dict without"),
-    ("lr", float("nan"), "entry 'lr' is nan"), ("batch_size", 0, "entry 'batch_size' is 0"),
-    ("epochs", "30", "entry 'epochs' is '30'"), ("direction", "up", "entry 'direction' is 'up'"),
-    ("compile", "yes", "entry 'compile' is 'yes'"), ("seed", 1.5, "entry 'seed' is 1.5"),
+    ("run.lr", float("nan"), "entry 'lr' is nan"), ("run.batch_size", 0, "entry 'batch_size' is 0"),
+    ("run.epochs", "30", "entry 'epochs' is '30'"), ("run.direction", "up", "entry 'direction' is 'up'"),
+    ("run.seed", 1.5, "entry 'seed' is 1.5"), ("run.batch_size", MISSING, "no 'batch_size' entry"),
 ])
 def test_the_entries_only_resume_reads_are_checked_too(tmp_path, capsys, key, value, words):
     import train
@@ -346,3 +352,22 @@ def test_another_models_optimizer_state_is_one_line_on_resume(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         ev.run_cli(lambda: train.main(["--resume", str(path), "--out", str(tmp_path), "--device", "cpu", "--no-eval"]))
     assert stop.value.code == 0, capsys.readouterr().err
+
+
+def test_a_checkpoint_of_the_earlier_layout_loads_samples_and_resumes(tmp_path, capsys):
+    """Checkpoints written before the run settings became one "run" entry keep working."""
+    import sample
+    import train
+    path = tmp_path / "audio-video" / "ckpt.pt"
+    path.parent.mkdir()
+    write_checkpoint(path, old_layout=True)
+    model, ckpt = ev.load_checkpoint(str(path))
+    assert ckpt["run"]["data"] == SPEC and ckpt["run"]["batch_size"] == 16 and "compile" not in ckpt
+    write_checkpoint(path, old_layout=True, data=3)
+    assert one_error_line(capsys, sample.main, ["--ckpt", str(path)]).startswith(f"error: {path}: entry 'data' is 3")
+    write_checkpoint(path, old_layout=True)
+    for main, argv in ((train.main, ["--resume", str(path), "--out", str(tmp_path), "--no-eval"]),
+                       (sample.main, ["--ckpt", str(path), "--num-samples", "1"])):
+        with pytest.raises(SystemExit) as stop:
+            ev.run_cli(lambda: main(argv))
+        assert stop.value.code == 0, capsys.readouterr().err
