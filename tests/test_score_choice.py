@@ -75,7 +75,7 @@ def test_the_trained_model_earns_the_score_auto_chooses_on_validation(spec, step
     if "aligned" in spec:   # the preset's promise: a strong space with few pairs
         assert len(data.splits["train"].b) < 1000
         q, g, rel = data.splits["test"].retrieval(0)
-        assert dg.retrieval_metrics_from_embeddings(q, g, rel)["R@1"] >= 0.8
+        assert ev.retrieval_metrics_from_embeddings(q, g, rel)["R@1"] >= 0.8
 
 
 def test_translations_are_rebuilt_when_the_checkpoint_or_file_changes(tmp_path):
