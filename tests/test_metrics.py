@@ -144,3 +144,25 @@ def test_tied_correct_items_beyond_the_top_10_in_different_chunks_count_the_firs
     m, ranks = ev.retrieval_metrics_from_embeddings(q, g, rel, chunk=8, return_ranks=True)
     assert ranks.tolist() == [14]                                  # 12 ahead, then item 12 (a lower index)
     assert m == ev.retrieval_metrics(ev.cosine_scores(q, g), rel)
+
+
+def test_the_streamed_metrics_take_their_top_10_from_the_kernel(monkeypatch):
+    """The one streaming top-k: kernels.cosine_topk, routed by diffgap.KERNELS, gives the top 10 the metrics read."""
+    g = torch.Generator().manual_seed(0)
+    q, gal = torch.randn(30, 8, generator=g), torch.randn(50, 8, generator=g)
+    calls, real = [], ev.cosine_topk
+
+    def spy(queries, gallery, k, **kw):
+        calls.append((tuple(queries.shape), tuple(gallery.shape), k, kw))
+        return real(queries, gallery, k, **kw)
+    monkeypatch.setattr(ev, "cosine_topk", spy)
+    m = ev.retrieval_metrics_from_embeddings(q, gal, torch.arange(30))
+    assert calls == [((30, 8), (50, 8), 10, {"backend": "auto", "strict": False})]
+    assert m == ev.retrieval_metrics(ev.cosine_scores(q, gal), torch.arange(30))
+    monkeypatch.setattr(dg, "KERNELS", "torch")
+    ev.retrieval_metrics_from_embeddings(q, gal, torch.arange(30))
+    assert calls[-1][3] == {"backend": "torch", "strict": False}
+    # its answer is what the metrics report: a top 10 holding each query's correct item first is R@1 = 1
+    monkeypatch.setattr(ev, "cosine_topk", lambda queries, gallery, k, **kw:
+                        (torch.zeros(len(queries), k), torch.arange(len(queries))[:, None].repeat(1, k)))
+    assert ev.retrieval_metrics_from_embeddings(q, gal, torch.arange(30))["R@1"] == 1.0

@@ -78,7 +78,7 @@ def test_the_trained_model_earns_the_score_auto_chooses_on_validation(spec, step
         assert ev.retrieval_metrics_from_embeddings(q, g, rel)["R@1"] >= 0.8
 
 
-def test_translations_are_rebuilt_when_the_checkpoint_or_file_changes(tmp_path):
+def test_translations_are_rebuilt_when_the_checkpoint_code_or_file_changes(tmp_path, monkeypatch):
     data = embed_cache.load(TINY, "audio-video")
     model = trained_model(data, 4)
     ckpt = str(tmp_path / "ckpt.pt")
@@ -92,6 +92,13 @@ def test_translations_are_rebuilt_when_the_checkpoint_or_file_changes(tmp_path):
     build(3)
     assert "building" in said[-2]                                    # other settings: rebuilt
     ev.save_checkpoint(ckpt, model, step=5)                          # other checkpoint bytes: rebuilt
+    build(3)
+    assert "building" in said[-2]
+    build(3)
+    assert "reused" in said[-1]
+    changed = tmp_path / "diffgap.py"                                # a change to the sampler's code: rebuilt
+    changed.write_text(open(dg.__file__).read() + "\n# a fix\n")
+    monkeypatch.setattr(dg, "__file__", str(changed))
     build(3)
     assert "building" in said[-2]
     (tmp_path / "ckpt.val-translations.npz").write_bytes(b"not a zip")
