@@ -1,10 +1,6 @@
-"""The loader interface: paired embeddings split into train/val/test, with retrieval ground truth.
-
-Modality A is always audio; B is video or text. One A item may own several
-B rows (5 captions per audio), so a split stores A and B separately plus, for every B row,
-the A row it belongs to. That one index gives both the training pairs and the one-to-many
-relevance for retrieval in either direction.
-"""
+"""The loader interface, and what every command and loader shares. A split holds audio (A) and
+video or text (B) rows, and for each B row its A row (5 captions per audio: 5 B rows): the training
+pairs and the one-to-many relevance of retrieval both come from that index."""
 from __future__ import annotations
 
 import math
@@ -21,12 +17,8 @@ class DataError(ValueError):
 
 
 class Rows:
-    """Rows of a (possibly memory-mapped) float array, L2-normalised when read.
-
-    Large training splits stay on disk: indexing (an int tensor, an array or a slice) reads
-    just those rows, so a training batch costs B rows of I/O and no full copy is ever made.
-    Supports what training needs: len, shape, [idx] -> (n, D) float32 tensor, take(idx).
-    """
+    """Rows of a (memory-mapped) float array: [idx] (an int tensor, array or slice) reads just those
+    rows, as an (n, D) float32 unit-norm tensor; a training batch costs its own rows of I/O."""
 
     def __init__(self, array, index: np.ndarray):
         self.array, self.index = array, np.asarray(index, dtype=np.int64)   # (N_file, D), (N,)
@@ -38,8 +30,7 @@ class Rows:
     def shape(self) -> tuple[int, int]:
         return (len(self.index), self.array.shape[1])
 
-    def take(self, idx) -> "Rows":
-        """A lazy view of rows idx of this one (no data is read)."""
+    def take(self, idx) -> "Rows":   # a lazy view: nothing is read
         return Rows(self.array, self.index[np.asarray(idx)])
 
     def __getitem__(self, idx) -> torch.Tensor:
@@ -49,13 +40,8 @@ class Rows:
 
 
 def read_rows(array, rows: np.ndarray) -> np.ndarray:
-    """array[rows]; from a memory-mapped .npy by plain reads (pread), not through the mapping.
-
-    Pages touched through a mapping stay in the process's resident set until the kernel needs
-    them back; plain reads copy just the rows asked for, so memory stays at what is in use.
-    Dense requests (fit_stats' chunks) are one contiguous read, sparse ones (a random batch)
-    one read per row.
-    """
+    """array[rows]; from a memory-mapped .npy by plain reads, not through the mapping, whose
+    pages would stay resident: one read for dense rows (a chunk), one per row for sparse ones."""
     if not (isinstance(array, np.memmap) and array.filename and array.flags.c_contiguous) or len(rows) == 0:
         return np.asarray(array[rows])
     row_bytes, dim = array.strides[0], array.shape[1]
@@ -79,21 +65,13 @@ class Split:
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pairs (a[b_to_a], b): (N_b, D_A), (N_b, D_B); lazy when a is Rows."""
-        if isinstance(self.a, Rows):
-            return self.a.take(self.b_to_a.numpy()), self.b
-        return self.a[self.b_to_a], self.b
+        return (self.a.take(self.b_to_a.numpy()) if isinstance(self.a, Rows) else self.a[self.b_to_a]), self.b
 
     def retrieval(self, direction: int):
-        """(queries, gallery, relevant) for a direction: 0 is B->A, 1 is A->B.
-
-        B->A: every B row queries the audio gallery; its one relevant item is b_to_a (Q,).
-        A->B: every audio queries the B gallery; relevant is a (Q, G) bool mask of its B rows.
-        """
+        """(queries, gallery, relevant): direction 0 is B->A, relevant the audio row of each B row
+        (Q,); 1 is A->B, relevant a (Q, G) bool mask of each audio's B rows."""
         a, b = (x[:] if isinstance(x, Rows) else x for x in (self.a, self.b))  # evaluation reads the split
-        if direction == 0:
-            return b, a, self.b_to_a
-        rel = self.b_to_a[None, :] == torch.arange(len(a))[:, None]
-        return a, b, rel
+        return (b, a, self.b_to_a) if direction == 0 else (a, b, self.b_to_a[None, :] == torch.arange(len(a))[:, None])
 
 
 @dataclass
@@ -102,13 +80,11 @@ class Dataset:
     spec: str                       # how to load it again (stored in checkpoints)
     splits: dict[str, Split]        # "train", "val", "test"
     oracle: Optional[Callable] = field(default=None, repr=False)  # synthetic only: ceiling scores
+    notes: str = ""                 # what the loader saw: norms before normalising, dropped rows
 
     @property
     def dims(self) -> tuple[int, int]:
-        s = self.splits["train"]
-        return s.a.shape[1], s.b.shape[1]
-
-    notes: str = ""                 # what the loader saw: norms before normalising, dropped rows
+        return self.splits["train"].a.shape[1], self.splits["train"].b.shape[1]
 
     def summary(self) -> str:
         parts = [f"{k}: {len(s.a)} audio / {len(s.b)} {self.pair.split('-')[1]}" for k, s in self.splits.items()]
@@ -117,11 +93,8 @@ class Dataset:
 
 
 def atomic_write(path: str, write) -> None:
-    """Call write(f) on a temp file beside path, then make it path: all of it or none of it.
-
-    The data is fsynced before the rename and the folder after it; without the first, a power
-    loss can keep the rename but not the data (an empty file where the old one was).
-    """
+    """Call write(f) on a temp file beside path, then make it path: all of it or none of it. The data
+    is fsynced before the rename (else a power loss can keep the rename, not the data), the folder after."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"
@@ -140,8 +113,6 @@ def atomic_write(path: str, write) -> None:
     finally:
         os.close(fd)
 
-
-# Shared by every command and loader: one error line, one number parser, one device choice.
 
 def reason(e: BaseException) -> str:
     """'Type: first line of the message', cut short, for a one-line error."""
@@ -165,7 +136,7 @@ def number(text, kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=F
 
 
 def pick_device(name: str) -> torch.device:
-    """--device auto | cpu | cuda: auto takes CUDA when there is one; cuda without one is a ValueError."""
+    """--device auto | cpu | cuda (auto: CUDA when there is one; cuda without one: ValueError)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():

@@ -3,37 +3,20 @@
     python -m embed_cache.extract --audio-dir clips/ --out audio.npz                  # weight-free logmel
     python -m embed_cache.extract --audio-dir clotho/evaluation --captions clotho_captions_evaluation.csv \\
         --out clotho.npz --encoder hf-clap --model laion/clap-htsat-unfused           # audio and captions
-    python -m embed_cache.extract --audio-dir clips/ --captions captions.csv --out audio.npz \\
-        --encoder laion-clap --checkpoint 630k-audioset-best.pt
 
-Audio: .wav / .flac / .ogg read with soundfile, mixed down to mono, resampled to the encoder's
-rate, and cut to its first window (10 s for CLAP) when longer: the same clip every run, where
-CLAP's own "rand_trunc" / "fusion" would take random crops; shorter clips are padded by the
-encoder's own rule (CLAP: "repeatpad"). A file's id is its path below --audio-dir without the
-extension. Captions: a CSV or JSON file with an id column naming the audio file (with or
-without extension, or its path below --audio-dir) and one caption per row (AudioCaps:
-audiocap_id,youtube_id,start_time,caption) or several caption columns (Clotho:
-file_name,caption_1..caption_5); both sides are embedded by the same model. With --captions,
-only audio files that have captions are embedded, and a caption whose id has no audio file is
-an error (or left out with --skip-missing).
-
-Caches (.npz): `emb` (N, D) float32 unit rows, `ids` (N,) audio ids, `encoder` (the model, so
-a resumed run refuses another); caption caches add `captions` (N,) and `caption_no` (N,) (the
-caption's place among its clip's captions). The last line printed is the --data spec that
-trains on them (clap:audio=...,text=...). Resumable: rows already in a cache are skipped. Every
-write is atomic (temp file, fsync, rename) every --save-every batches and at the end, so a crash
-never leaves a broken file. --shard I/N (or torchrun) embeds a stable share of the ids; --merge
-joins the parts of one cache.
-
-Encoders (embed_cache/encoders.py): logmel (no weights, audio only), hf-clap (transformers'
-ClapModel, from a hub id or a local folder) and laion-clap (pip install laion_clap). Model
-downloads follow the libraries' usual rules: HF_HUB_OFFLINE=1 reads only their cache.
+Audio is mixed to mono, resampled and cut to the encoder's first window; its id is its path below
+--audio-dir without the extension. Caches (.npz): `emb` (N, D) float32 unit rows, `ids`, `encoder`
+(+ `captions`, `caption_no`). Runs resume, writes are atomic, --shard I/N (or torchrun) embeds a
+stable share of the ids and --merge joins the parts; the last line is the --data spec to train on.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import importlib
 import json
+import math
 import os
 import re
 import string
@@ -43,16 +26,19 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .arrays import id_hash, read_named
-from .base import atomic_write
-from .base import DataError
-from .encoders import ENCODER_NAMES, LogMelEncoder, fit_length, make_encoder, mel_filterbank  # noqa: F401 (API)
+from .base import DataError, atomic_write, pick_device, reason
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg")
+ENCODER_NAMES = ("logmel", "hf-clap", "laion-clap")
 ID_COLUMNS = ("file_name", "youtube_id", "audio_id", "id", "filename", "file")   # tried in this order
 CAPTION_COLUMN = re.compile(r"^(caption|captions)(_\d+)?$", re.I)
+TEXT_COLUMNS = ("captions", "caption_no")
+Caption = tuple[str, int, str]    # (audio id, caption_no: 0.. among that id's captions, text)
+Shard = Optional[tuple[int, int]]  # (i, n): shard i of n; None: one process
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
@@ -73,7 +59,7 @@ def read_audio(path: str, sample_rate: int, max_samples: int) -> np.ndarray:
     try:
         x, sr = sf.read(path, dtype="float32", always_2d=True)          # (T, channels)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError on bad files
-        raise DataError(f"{path}: cannot read audio ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        raise DataError(f"{path}: cannot read audio ({reason(e)})") from None
     if not np.isfinite(x).all():
         raise DataError(f"{path}: audio has NaN or Inf samples")
     if len(x) == 0:
@@ -82,33 +68,188 @@ def read_audio(path: str, sample_rate: int, max_samples: int) -> np.ndarray:
 
 
 def find_audio(folder: str) -> list[tuple[str, str]]:
-    """[(id, path)] for every audio file below folder, sorted; the id is the relative path sans extension."""
+    """[(id, path)] of every audio file below folder, sorted; the id is the relative path sans extension."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
-    found = []
-    for root, _, files in os.walk(folder):
-        for f in files:
-            if f.lower().endswith(AUDIO_EXTS):
-                path = os.path.join(root, f)
-                found.append((os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/"), path))
+    found = sorted((os.path.splitext(os.path.relpath(os.path.join(root, f), folder))[0].replace(os.sep, "/"),
+                    os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files
+                   if f.lower().endswith(AUDIO_EXTS))
     if not found:
         raise DataError(f"{folder}: no {'/'.join(AUDIO_EXTS)} files")
-    return sorted(found)
+    return found
 
 
-# ----------------------------------------------------------------------------------------
-# Captions
-# ----------------------------------------------------------------------------------------
+# -- encoders: `name` (kept in the cache, so a resumed run refuses another model), `sample_rate`,
+# `clip_seconds` (the window: longer files are cut to their first, where both CLAPs would take a
+# random crop per call), `has_text`; embed_audio(mono clips) / embed_text(captions) -> (B, D) unit rows
 
-Caption = tuple[str, int, str]    # (audio id, caption_no: 0.. among that id's captions, text)
+def import_optional(module: str, who: str):
+    """Import an optional package, or one DataError: it is missing, or installed but its import fails (why)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:   # the package itself, not one of its imports
+            raise DataError(f"{who} needs the {module} package: pip install {module} "
+                            f"(--encoder logmel needs nothing)") from None
+        why = reason(e)
+    except Exception as e:  # an installed package that fails while importing: any error type
+        why = reason(e)
+    if "torchvision" in why:
+        hint = (f"the installed torchvision was not built for this torch ({torch.__version__}): install the "
+                f"torchvision release made for it, from the same (CPU or CUDA) build, or uninstall torchvision")
+    else:
+        hint = f"fix or reinstall what it names (python -c 'import {module}' shows the traceback)"
+    raise DataError(f"{who}: {module} is installed but cannot be imported ({why}); {hint}")
 
+
+def unit_rows(x) -> np.ndarray:
+    """(B, D) float32 numpy unit rows from a tensor, an array, or a transformers 5.x output (pooler_output)."""
+    x = getattr(x, "pooler_output", x)
+    return torch.nn.functional.normalize(torch.as_tensor(x).detach().float().cpu(), dim=1).numpy()
+
+
+def fit_length(x: np.ndarray, n: int) -> np.ndarray:
+    """Crop to the first n samples, or repeat the clip until it fills n."""
+    if len(x) >= n:
+        return x[:n]
+    return np.zeros(n, dtype=np.float32) if len(x) == 0 else np.tile(x, math.ceil(n / len(x)))[:n]
+
+
+class LogMelEncoder:
+    """Mean and std over time of 64 log-mel bands through a fixed random projection to `dim`;
+    16 kHz, 5 s windows (a shorter clip is repeated to fill it)."""
+    name, sample_rate, clip_seconds, has_text = "logmel", 16000, 5.0, False
+
+    def __init__(self, dim: int = 512, n_fft: int = 512, hop: int = 256, n_mels: int = 64):
+        self.n_fft, self.hop, sr = n_fft, hop, self.sample_rate
+        mel, hz = (lambda f: 2595 * np.log10(1 + f / 700)), (lambda m: 700 * (10 ** (m / 2595) - 1))   # HTK mel scale
+        edges, freqs = hz(np.linspace(mel(0), mel(sr / 2), n_mels + 2)), np.linspace(0, sr / 2, n_fft // 2 + 1)
+        lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]   # triangular filters (n_mels, n_fft // 2 + 1)
+        self.fb = torch.from_numpy(np.maximum(0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))).float()
+        g = torch.Generator().manual_seed(0)   # the same projection on every machine and run
+        self.proj = torch.randn(2 * n_mels, dim, generator=g) / math.sqrt(2 * n_mels)
+
+    def embed_audio(self, clips: list[np.ndarray]) -> np.ndarray:
+        n = int(self.sample_rate * self.clip_seconds)
+        return self.embed(np.stack([fit_length(np.asarray(c, np.float32), n) for c in clips]))
+
+    def embed(self, audio: np.ndarray) -> np.ndarray:
+        """(B, T) float32 at 16 kHz, all of one length -> (B, dim) unit rows."""
+        spec = torch.stft(torch.from_numpy(audio), self.n_fft, self.hop, window=torch.hann_window(self.n_fft),
+                          return_complex=True)
+        logmel = torch.log(self.fb @ spec.abs().pow(2) + 1e-6)                        # (B, mels, frames)
+        stats = torch.cat([logmel.mean(-1), logmel.std(-1)], dim=1)                   # (B, 2 mels)
+        return torch.nn.functional.normalize((stats - stats.mean(1, keepdim=True)) @ self.proj, dim=1).numpy()
+
+
+class HFClapEncoder:
+    """transformers' ClapModel and ClapProcessor (a hub id or a save_pretrained folder). A "fusion" model
+    gets is_longer False (clips are cut to the window), where the processor flags a random clip per batch."""
+    has_text = True
+
+    def __init__(self, model: str, device: str = "auto"):
+        transformers = import_optional("transformers", "--encoder hf-clap")
+        self.device = pick_device(device)
+        try:
+            self.processor = transformers.ClapProcessor.from_pretrained(model)
+            self.model = transformers.ClapModel.from_pretrained(model).to(self.device).eval()
+        except (OSError, ValueError) as e:
+            raise DataError(hf_model_error(model, e)) from None
+        fe = self.processor.feature_extractor
+        self.sample_rate, self.clip_seconds = int(fe.sampling_rate), fe.nb_max_samples / fe.sampling_rate
+        self.fusion = fe.truncation == "fusion"
+        cfg = self.model.config.text_config
+        longest = cfg.max_position_embeddings - (cfg.pad_token_id or 0) - 1   # RoBERTa positions start after pad
+        self.max_tokens = min(longest, self.processor.tokenizer.model_max_length)
+        self.name = f"hf-clap:{model}"
+
+    @torch.no_grad()
+    def embed_audio(self, clips: list[np.ndarray]) -> np.ndarray:
+        inputs = self.processor.feature_extractor([np.asarray(c, np.float32) for c in clips],
+                                                  sampling_rate=self.sample_rate, return_tensors="pt")
+        if self.fusion:
+            inputs["is_longer"] = torch.zeros_like(inputs["is_longer"])
+        return unit_rows(self.model.get_audio_features(**{k: v.to(self.device) for k, v in inputs.items()}))
+
+    @torch.no_grad()
+    def embed_text(self, captions: list[str]) -> np.ndarray:
+        tokens = self.processor.tokenizer(captions, padding=True, truncation=True, max_length=self.max_tokens,
+                                          return_tensors="pt")
+        return unit_rows(self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()}))
+
+
+def hf_model_error(model: str, e: BaseException) -> str:
+    """One line for a model that from_pretrained cannot load, saying what to do."""
+    if os.path.isdir(model):
+        return f"--model {model}: a folder, but not a CLAP model and processor saved with save_pretrained ({reason(e)})"
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:   # a path; hub ids are NAME or ORG/NAME
+        return f"--model {model}: no such folder, and not a hub model id like laion/clap-htsat-unfused"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    where = ("it is not in the Hugging Face cache and HF_HUB_OFFLINE is set" if offline else
+             "it is not in the Hugging Face cache and the hub did not provide it (no network, or no such model)")
+    return (f"--model {model}: cannot load it: {where}; download it once with a network (hf download {model}) "
+            f"or give the folder it was saved to ({reason(e)})")
+
+
+class LaionClapEncoder:
+    """LAION-CLAP's CLAP_Module (48 kHz, 10 s windows). checkpoint: a local .pt, or None for laion_clap's
+    default download; amodel: the checkpoint's audio tower (HTSAT-tiny: the 630k ones, HTSAT-base: music).
+    CLAP_Module() loads `roberta-base` through transformers even for audio only (offline: from the cache)."""
+    has_text, sample_rate, clip_seconds = True, 48000, 10.0
+
+    def __init__(self, checkpoint: str | None, amodel: str = "HTSAT-tiny", fusion: bool = False,
+                 device: str = "auto"):
+        if checkpoint is not None and not os.path.isfile(checkpoint):
+            raise DataError(f"--checkpoint {checkpoint}: no such file (a LAION-CLAP .pt; leave it out to let "
+                            f"laion_clap download its default)")
+        self.device = pick_device(device)
+        with contextlib.redirect_stdout(sys.stderr):   # laion_clap prints progress to stdout
+            laion_clap = import_optional("laion_clap", "--encoder laion-clap")
+            try:
+                self.model = laion_clap.CLAP_Module(enable_fusion=fusion, amodel=amodel, device=self.device)
+            except OSError as e:   # transformers' from_pretrained('roberta-base')
+                raise DataError(f"--encoder laion-clap: laion_clap loads its text model 'roberta-base' from the "
+                                f"Hugging Face hub and cannot ({reason(e)}); run once with a network so that it is "
+                                f"cached, then HF_HUB_OFFLINE=1 works offline") from None
+            except Exception as e:  # a bad amodel name, a broken install: one line, not a traceback
+                raise DataError(f"--encoder laion-clap: CLAP_Module(amodel={amodel!r}, enable_fusion={fusion}) "
+                                f"failed ({reason(e)})") from None
+            try:
+                self.model.load_ckpt(checkpoint, verbose=False)
+            except Exception as e:  # a download that fails, a checkpoint of another architecture
+                what = checkpoint or "its default checkpoint (downloaded on first use)"
+                raise DataError(f"--encoder laion-clap: cannot load {what} ({reason(e)}); give --checkpoint PATH "
+                                f"of a LAION-CLAP .pt matching --model {amodel}{' and --fusion' if fusion else ''}") from None
+        ckpt = os.path.basename(checkpoint) if checkpoint else "default"
+        self.name = f"laion-clap:{ckpt}:{amodel}{':fusion' if fusion else ''}"
+
+    @torch.no_grad()
+    def embed_audio(self, clips: list[np.ndarray]) -> np.ndarray:   # laion_clap quantises and repeat-pads itself
+        return unit_rows(self.model.get_audio_embedding_from_data(x=[np.asarray(c, np.float32) for c in clips],
+                                                                  use_tensor=False))
+
+    @torch.no_grad()
+    def embed_text(self, captions: list[str]) -> np.ndarray:
+        return unit_rows(self.model.get_text_embedding(list(captions), use_tensor=False))
+
+
+def make_encoder(name: str, model: str | None = None, checkpoint: str | None = None, fusion: bool = False,
+                 device: str = "auto"):
+    """The encoder `name` set up; DataError if it cannot be (ValueError: --device cuda without CUDA)."""
+    if name == "logmel":
+        return LogMelEncoder()
+    if name == "hf-clap":
+        return HFClapEncoder(model or "laion/clap-htsat-unfused", device)
+    if name == "laion-clap":
+        return LaionClapEncoder(checkpoint, model or "HTSAT-tiny", fusion, device)
+    raise DataError(f"--encoder {name}: unknown (use one of {', '.join(ENCODER_NAMES)})")
+
+
+# -- captions ---------------------------------------------------------------------------------
 
 def _records(path: str) -> tuple[list[dict], list[str], str]:
-    """(rows as dicts, column names in order, how a row is named in messages) of a CSV or JSON file.
-
-    JSON: a list of objects; {"data": [objects]} (WavCaps); {column: [values]}; or {id: caption
-    or [captions]} (columns id, caption).
-    """
+    """(rows as dicts, column names, how a row is named in messages) of a CSV or JSON caption file;
+    JSON: a list of objects, {"data": [objects]} (WavCaps), {column: [values]} or {id: caption(s)}."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     try:
@@ -119,19 +260,17 @@ def _records(path: str) -> tuple[list[dict], list[str], str]:
             if not path.lower().endswith(".json"):
                 raise DataError(f"{path}: captions must be a .csv or .json file")
             obj = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError, csv.Error) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{path}: cannot read captions ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    except DataError:
+        raise
+    except (OSError, ValueError, csv.Error) as e:   # ValueError: bad JSON, bytes that are not UTF-8
+        raise DataError(f"{path}: cannot read captions ({reason(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if isinstance(obj, list) and all(isinstance(r, dict) for r in obj):
-        columns = list(dict.fromkeys(k for r in obj for k in r))
-        return obj, columns, "record {}".format
+        return obj, list(dict.fromkeys(k for r in obj for k in r)), "record {}".format
     if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()) and \
             len({len(v) for v in obj.values()}) == 1 and any(CAPTION_COLUMN.match(k) for k in obj):
-        n = len(next(iter(obj.values())))
-        return [{k: v[i] for k, v in obj.items()} for i in range(n)], list(obj), "record {}".format
+        return [dict(zip(obj, row)) for row in zip(*obj.values())], list(obj), "record {}".format
     if isinstance(obj, dict) and all(isinstance(v, (str, list)) for v in obj.values()):
         return [{"id": k, "caption": v} for k, v in obj.items()], ["id", "caption"], "key {}".format
     raise DataError(f"{path}: not a caption layout (a list of objects, {{\"data\": [...]}}, {{column: [...]}} "
@@ -139,25 +278,19 @@ def _records(path: str) -> tuple[list[dict], list[str], str]:
 
 
 def read_captions(path: str, id_col: Optional[str] = None, caption_cols: Optional[list[str]] = None) -> list[Caption]:
-    """[(id, caption_no, text)] from a CSV / JSON caption file, in file order.
-
-    id_col: the column naming each row's audio file (default: the first of ID_COLUMNS present),
-    or a template of columns such as "{youtube_id}_{start_time}"; an audio extension is dropped
-    from the id. caption_cols: the caption columns (default: every column named caption,
-    caption_N or captions, in their order); a cell may hold a list. Empty captions are skipped.
-    """
+    """[(id, caption_no, text)] of a caption file, in file order. id_col: the column naming each row's
+    audio file (default: the first of ID_COLUMNS) or a template like "{youtube_id}_{start_time}";
+    caption_cols: default every column caption, caption_N or captions; a cell may hold a list."""
     rows, columns, where = _records(path)
     first = 2 if path.lower().endswith(".csv") else 0        # CSV: line 1 is the header
-    found = f"columns: {', '.join(map(str, columns)) or 'none'}"
+    found, fix = f"columns: {', '.join(map(str, columns)) or 'none'}", "name the column of audio file names with --id-col"
+    id_col = next((c for c in ID_COLUMNS if c in columns), None) if id_col is None else id_col
     if id_col is None:
-        id_col = next((c for c in ID_COLUMNS if c in columns), None)
-        if id_col is None:
-            raise DataError(f"{path}: no id column ({', '.join(ID_COLUMNS)}; {found}); name the column of audio "
-                            f"file names with --id-col")
+        raise DataError(f"{path}: no id column ({', '.join(ID_COLUMNS)}; {found}); {fix}")
     fields = [f for _, f, _, _ in string.Formatter().parse(id_col) if f] if "{" in id_col else [id_col]
     for f in fields:
         if f not in columns:
-            raise DataError(f"{path}: no id column {f!r} ({found}); name the column of audio file names with --id-col")
+            raise DataError(f"{path}: no id column {f!r} ({found}); {fix}")
     if caption_cols is None:
         numbered = lambda c: int((CAPTION_COLUMN.match(c).group(2) or "_0")[1:])   # caption_10 after caption_9
         caption_cols = sorted((c for c in map(str, columns) if CAPTION_COLUMN.match(c)), key=numbered)
@@ -169,12 +302,10 @@ def read_captions(path: str, id_col: Optional[str] = None, caption_cols: Optiona
     out, count = [], defaultdict(int)
     for k, row in enumerate(rows):
         values = {f: "" if row.get(f) is None else str(row[f]).strip() for f in fields}
-        cid = id_col.format(**values) if "{" in id_col else values[id_col]
         if not all(values.values()):
             raise DataError(f"{path}: {where(k + first)}: empty id ({', '.join(fields)})")
-        if cid.lower().endswith(AUDIO_EXTS):
-            cid = os.path.splitext(cid)[0]
-        cid = cid.replace("\\", "/")
+        cid = id_col.format(**values) if "{" in id_col else values[id_col]
+        cid = (os.path.splitext(cid)[0] if cid.lower().endswith(AUDIO_EXTS) else cid).replace("\\", "/")
         for col in caption_cols:
             cell = row.get(col)
             for text in cell if isinstance(cell, list) else [cell]:
@@ -198,22 +329,16 @@ class Plan:
 
 def make_plan(audio_dir: str, captions: Optional[str] = None, id_col: Optional[str] = None,
               caption_cols: Optional[list[str]] = None, skip_missing: bool = False) -> Plan:
-    """The files of audio_dir, or with a caption file: its captions and the files they name.
-
-    A caption id matches an audio id (the path below audio_dir without extension) exactly, or the
-    file name of exactly one audio file in a subfolder. Raises DataError for caption ids without
-    an audio file (unless skip_missing) and for a name that matches two files.
-    """
+    """The files of audio_dir, or with a caption file its captions and the files they name: a caption id
+    is an audio id, or the file name of exactly one file in a subfolder (else a DataError)."""
     files = find_audio(audio_dir)
     if captions is None:
         return Plan(files)
-    caps = read_captions(captions, id_col, caption_cols)
-    ids = {i for i, _ in files}
-    by_name = defaultdict(list)
+    ids, by_name = {i for i, _ in files}, defaultdict(list)
     for i in ids:
         by_name[i.rsplit("/", 1)[-1]].append(i)
     resolved, missing = [], []
-    for cid, n, text in caps:
+    for cid, n, text in read_captions(captions, id_col, caption_cols):
         if cid not in ids and "/" not in cid and len(by_name.get(cid, ())) > 1:
             a, b = sorted(by_name[cid])[:2]
             raise DataError(f"{captions}: id {cid!r} names two files below {audio_dir} ({a!r}, {b!r}); point "
@@ -234,66 +359,43 @@ def make_plan(audio_dir: str, captions: Optional[str] = None, id_col: Optional[s
     return Plan([f for f in files if f[0] in named], resolved, len(missing), len(ids - named))
 
 
-# ----------------------------------------------------------------------------------------
-# Caches
-# ----------------------------------------------------------------------------------------
-
-TEXT_COLUMNS = ("captions", "caption_no")
-
+# -- caches -----------------------------------------------------------------------------------
 
 def load_cache(path: str, encoder: str, text: bool = False) -> dict[str, list]:
-    """The columns of an existing cache as lists (empty when there is none), checked to come
-    from the same encoder and to be of the asked kind (audio, or captions when text)."""
+    """The columns of a cache as lists (none there: empty), checked to be of `encoder` and of captions iff text."""
     names = ("emb", "ids") + (TEXT_COLUMNS if text else ())
     if not os.path.exists(path):
         return {k: [] for k in names}
-    kinds = read_named(path, ["encoder"])
-    if ("captions" in kinds) != text:
-        raise DataError(f"{path}: a cache of {'captions' if 'captions' in kinds else 'audio'}, not of "
-                        f"{'captions' if text else 'audio'}; use another {'--text-out' if text else '--out'}")
+    flag = "--text-out" if text else "--out"
+    if ("captions" in read_named(path, ["encoder"])) != text:
+        raise DataError(f"{path}: a cache of {'audio' if text else 'captions'}, not of "
+                        f"{'captions' if text else 'audio'}; use another {flag}")
     found = read_named(path, list(names) + ["encoder"])
     if str(found["encoder"]) != encoder:
-        raise DataError(f"{path}: written by encoder {str(found['encoder'])!r}, not {encoder!r}; use another "
-                        f"{'--text-out' if text else '--out'}")
+        raise DataError(f"{path}: written by encoder {str(found['encoder'])!r}, not {encoder!r}; use another {flag}")
     if any(len(found[k]) != len(found["emb"]) for k in names):
         raise DataError(f"{path}: columns of different lengths ({', '.join(f'{k} {len(found[k])}' for k in names)})")
     cache = {k: list(found[k]) for k in names}
     cache["ids"] = [str(i) for i in cache["ids"]]
-    for k in TEXT_COLUMNS if text else ():
-        cache[k] = [str(x) for x in cache[k]] if k == "captions" else [int(x) for x in cache[k]]
+    if text:
+        cache["captions"], cache["caption_no"] = [str(x) for x in cache["captions"]], [int(x) for x in cache["caption_no"]]
     return cache
 
 
-def read_cache(path: str, encoder: str) -> tuple[list[str], list[np.ndarray]]:
-    """(ids, rows) already in an existing audio cache, checked to come from the same encoder."""
-    cache = load_cache(path, encoder)
-    return cache["ids"], cache["emb"]
-
-
-def write_cache(path: str, cache: dict[str, list] | list[str], rows: Optional[list[np.ndarray]] = None,
-                encoder: str = "", shard: tuple[int, int] | None = None) -> None:
-    """Rewrite a cache atomically and durably (temp file, fsync, rename, fsync of the folder).
-
-    cache: the columns (emb, ids[, captions, caption_no]); or, as before, ids with rows= as emb.
-    A shard's part also records which shard it is ("i/n"), so that merge() can check the parts.
-    """
-    if not isinstance(cache, dict):
-        cache = {"ids": cache, "emb": rows}
+def write_cache(path: str, cache: dict[str, list], encoder: str, shard: Shard = None) -> None:
+    """Rewrite a cache (emb, ids[, captions, caption_no]) atomically; a part records its shard "i/n"."""
     emb = np.stack(cache["emb"]).astype(np.float32) if cache["emb"] else np.zeros((0, 0), np.float32)
     arrays = {"emb": emb, "ids": np.array(cache["ids"], dtype=str), "encoder": np.array(encoder)}
     if "captions" in cache:
-        arrays["captions"] = np.array(cache["captions"], dtype=str)
-        arrays["caption_no"] = np.array(cache["caption_no"], dtype=np.int64)
+        arrays.update(captions=np.array(cache["captions"], dtype=str), caption_no=np.array(cache["caption_no"], np.int64))
     if shard is not None:
         arrays["shard"] = np.array(f"{shard[0]}/{shard[1]}")
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def in_shard(file_id: str, shard: tuple[int, int]) -> bool:
-    """Whether an id belongs to shard (i, n): a stable hash of it, so adding files moves none.
-    A caption goes with its audio id."""
-    i, n = shard
-    return id_hash(file_id) % n == i
+def in_shard(file_id: str, shard: Shard) -> bool:
+    """Whether an audio id is in shard (i, n) (None: one process), by a stable hash: adding files moves none."""
+    return shard is None or id_hash(file_id) % shard[1] == shard[0]
 
 
 def part_path(out: str, shard: tuple[int, int]) -> str:
@@ -303,11 +405,8 @@ def part_path(out: str, shard: tuple[int, int]) -> str:
 
 def _embed_into(out: str, cache: dict[str, list], todo: list, embed, batch_size: int, save_every: int,
                 encoder: str, shard, desc: str) -> None:
-    """Embed `todo` in batches into `cache`, rewriting `out` every save_every batches and at the end.
-
-    embed(batch) -> (emb (B, D), {column: B values}). Whatever was embedded is written even when
-    a later batch fails or on Ctrl-C, and the columns are cut to a common length first.
-    """
+    """Embed `todo` into `cache` by embed(batch) -> (emb (B, D), {column: B values}), rewriting `out` every
+    save_every batches and at the end, also when a batch fails or on Ctrl-C."""
     saved = len(cache["ids"])               # rows already in the file on disk
     batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
     try:
@@ -322,28 +421,23 @@ def _embed_into(out: str, cache: dict[str, list], todo: list, embed, batch_size:
                 cache[k] += list(values)
             cache["emb"] += list(emb)
             if (n + 1) % save_every == 0:
-                write_cache(out, cache, encoder=encoder, shard=shard)
+                write_cache(out, cache, encoder, shard)
                 saved = len(cache["ids"])
     finally:
-        n = min(len(v) for v in cache.values())
+        n = min(len(v) for v in cache.values())   # a batch stopped half-way: cut every column to one length
         for k in cache:
             del cache[k][n:]
         if n > saved or (shard is not None and not os.path.exists(out)):   # an empty shard still says so
-            write_cache(out, cache, encoder=encoder, shard=shard)
+            write_cache(out, cache, encoder, shard)
 
 
 def extract(audio_dir: str, out: str, encoder, batch_size: int = 16, save_every: int = 50,
-            shard: tuple[int, int] | None = None, files: Optional[list[tuple[str, str]]] = None) -> int:
-    """Embed every audio file not yet in `out` (of shard (i, n) only, if given); returns how many were added.
-
-    files: [(id, path)] to embed instead of every file below audio_dir (make_plan's selection).
-    """
+            shard: Shard = None, files: Optional[list[tuple[str, str]]] = None) -> int:
+    """Embed the audio files (files, or all below audio_dir) of `shard` not yet in `out`; returns how many."""
     files = find_audio(audio_dir) if files is None else files
-    if shard is not None:
-        files = [(i, p) for i, p in files if in_shard(i, shard)]
     cache = load_cache(out, encoder.name)
     done = set(cache["ids"])
-    todo = [(i, p) for i, p in files if i not in done]
+    todo = [(i, p) for i, p in files if i not in done and in_shard(i, shard)]
     window = int(round(encoder.sample_rate * encoder.clip_seconds))
 
     def embed(batch):
@@ -354,18 +448,13 @@ def extract(audio_dir: str, out: str, encoder, batch_size: int = 16, save_every:
     return len(todo)
 
 
-def captions_todo(captions: list[Caption], cache: dict[str, list], out: str, shard: tuple[int, int] | None = None,
+def captions_todo(captions: list[Caption], cache: dict[str, list], out: str, shard: Shard = None,
                   source: str = "captions") -> list[Caption]:
-    """The captions (of shard (i, n)'s audio ids) not yet in `cache`, sorted by (id, caption_no).
-
-    A caption is known by (audio id, caption_no); one already in the cache with other text is a
-    DataError naming `source` (the caption file changed: its old rows would pair wrongly).
-    """
-    if shard is not None:
-        captions = [c for c in captions if in_shard(c[0], shard)]
+    """The captions of `shard` not yet in `cache`, sorted; one there with other text is a DataError
+    naming `source` (the caption file changed: its old rows would pair wrongly)."""
     have = {(i, n): t for i, n, t in zip(cache["ids"], cache["caption_no"], cache["captions"])}
     todo = []
-    for cid, n, text in sorted(captions):
+    for cid, n, text in sorted(c for c in captions if in_shard(c[0], shard)):
         old = have.get((cid, n))
         if old is None:
             todo.append((cid, n, text))
@@ -376,50 +465,43 @@ def captions_todo(captions: list[Caption], cache: dict[str, list], out: str, sha
 
 
 def extract_captions(captions: list[Caption], out: str, encoder, batch_size: int = 16, save_every: int = 50,
-                     shard: tuple[int, int] | None = None, source: str = "captions") -> int:
-    """Embed every caption not yet in `out` (those of shard (i, n)'s audio ids only, if given).
-
-    A caption already in `out` with other text is a DataError (captions_todo). Returns how many were added.
-    """
+                     shard: Shard = None, source: str = "captions") -> int:
+    """Embed the captions of `shard` not yet in `out`; returns how many."""
     if not getattr(encoder, "has_text", False):
         raise DataError(f"--encoder {encoder.name} embeds audio only; captions need --encoder hf-clap or laion-clap")
     cache = load_cache(out, encoder.name, text=True)
     todo = captions_todo(captions, cache, out, shard, source)
 
     def embed(batch):
-        return encoder.embed_text([t for _, _, t in batch]), {
-            "ids": [i for i, _, _ in batch], "caption_no": [n for _, n, _ in batch], "captions": [t for _, _, t in batch]}
+        ids, numbers, texts = (list(c) for c in zip(*batch))
+        return encoder.embed_text(texts), {"ids": ids, "caption_no": numbers, "captions": texts}
 
     _embed_into(out, cache, todo, embed, batch_size, save_every, encoder.name, shard, f"{encoder.name} captions")
     return len(todo)
 
 
 def merge(parts: list[str], out: str, audio_dir: str | None = None, expect: Optional[set] = None) -> int:
-    """Join shard caches into `out`, rows sorted by id (as one process writes them); returns the row count.
-
-    Refuses parts from different encoders, of different kinds (audio, captions) or shard counts,
-    a shard given twice or missing, a row in two parts, and rows missing from every part: the
-    `expect`ed keys (audio ids, or (id, caption_no) of captions), or else every audio file of audio_dir.
-    """
+    """Join shard caches into `out`, rows sorted by key (as one process writes them); returns the row count.
+    Refuses parts of other encoders, kinds or shard counts, a shard twice or missing, a row in two parts,
+    and rows in no part: the `expect`ed keys (ids, or (id, caption_no) of captions), else audio_dir's files."""
     encoders, shards, kinds, merged, owner = set(), {}, set(), defaultdict(list), {}
     for path in parts:
-        text = "captions" in read_named(path, ["encoder", "shard"])
+        meta = read_named(path, ["encoder", "shard"])
+        text = "captions" in meta
         kinds.add("captions" if text else "audio")
-        cols = ["emb", "ids"] + (list(TEXT_COLUMNS) if text else [])
-        found = read_named(path, cols + ["encoder", "shard"])
-        encoders.add(str(found["encoder"]))
-        i, n = (int(x) for x in str(found["shard"]).split("/"))
+        encoders.add(str(meta["encoder"]))
+        i, n = (int(x) for x in str(meta["shard"]).split("/"))
         if (i, n) in shards:
             raise DataError(f"{path}: shard {i}/{n} is also in {shards[(i, n)]}")
         shards[(i, n)] = path
-        for r in range(len(found["ids"])):
-            key = (str(found["ids"][r]), int(found["caption_no"][r])) if text else str(found["ids"][r])
+        part = load_cache(path, str(meta["encoder"]), text)
+        for key in zip(part["ids"], part["caption_no"]) if text else part["ids"]:
             if key in owner:
                 raise DataError(f"{path}: {'caption' if text else 'id'} {key!r} is also in {owner[key]}")
             owner[key] = path
             merged["key"].append(key)
-            for c in cols:
-                merged[c].append(found[c][r])
+        for c, values in part.items():
+            merged[c] += values
     if len(kinds) > 1:
         raise DataError(f"{', '.join(parts)}: parts of audio and of captions; merge each cache on its own")
     if len(encoders) > 1:
@@ -433,37 +515,21 @@ def merge(parts: list[str], out: str, audio_dir: str | None = None, expect: Opti
         raise DataError(f"shard {missing[0]}/{n} is missing: give all {n} parts ({part_path(out, (missing[0], n))})")
     if expect is None and audio_dir is not None and kinds == {"audio"}:
         expect = {i for i, _ in find_audio(audio_dir)}
-    if expect is not None:
-        absent = sorted(set(expect) - set(owner))
-        if absent:
-            what = "files" if kinds == {"audio"} else "captions"
-            raise DataError(f"{audio_dir or out}: {len(absent)} {what} are in no part, e.g. "
-                            f"{', '.join(map(str, absent[:3]))}")
+    absent = sorted(set(expect or ()) - set(owner))
+    if absent:
+        raise DataError(f"{audio_dir or out}: {len(absent)} {'files' if kinds == {'audio'} else 'captions'} are in no "
+                        f"part, e.g. {', '.join(map(str, absent[:3]))}")
+    cols = ("emb", "ids") + (TEXT_COLUMNS if kinds == {"captions"} else ())
     order = sorted(range(len(merged["key"])), key=merged["key"].__getitem__)
-    cache = {c: [merged[c][k] for k in order] for c in merged if c != "key"}
-    for c in ("emb", "ids") + (TEXT_COLUMNS if kinds == {"captions"} else ()):
-        cache.setdefault(c, [])
-    write_cache(out, cache, encoder=encoders.pop())
+    write_cache(out, {c: [merged[c][k] for k in order] for c in cols}, encoders.pop())
     return len(order)
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """--shard I/N, or torchrun's RANK / WORLD_SIZE when launched by it, or None (one process)."""
-    if text is None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return (int(os.environ["RANK"]), world) if world > 1 else None
-    i, sep, n = text.partition("/")
-    if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
-        raise DataError(f"--shard {text}: use I/N with 0 <= I < N, e.g. --shard 0/4")
-    return int(i), int(n)
 
 
 def data_spec(audio: str, text: str, encoder: str) -> tuple[str, str]:
     """(the --data spec that trains on an audio and a caption cache, a note on unpaired ids)."""
-    a_ids = set(load_cache(audio, encoder)["ids"])
-    t_ids = set(load_cache(text, encoder, text=True)["ids"])
+    a_ids, t_ids = set(load_cache(audio, encoder)["ids"]), set(load_cache(text, encoder, text=True)["ids"])
     spec = f"clap:audio={audio},text={text},text_key=emb"
-    if a_ids - t_ids or t_ids - a_ids:
+    if a_ids ^ t_ids:
         return spec + ",drop_unpaired=1", (f"{len(a_ids - t_ids)} audio ids without captions and {len(t_ids - a_ids)} "
                                            f"caption ids without audio in these caches: drop_unpaired=1 leaves them out")
     return spec, ""
@@ -471,26 +537,20 @@ def data_spec(audio: str, text: str, encoder: str) -> tuple[str, str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--audio-dir", help="folder of audio files (with --merge: check that every file, or with "
-                                       "--captions every captioned file or caption, is in a part)")
-    p.add_argument("--out", required=True, help="audio cache .npz (resumed when it exists); a shard writes "
-                                                "OUT.part-I-of-N.npz")
-    p.add_argument("--captions", help="caption file (.csv or .json) with an id column and caption column(s): "
-                                      "embeds its captions into --text-out, and only the audio files they name")
+    p.add_argument("--audio-dir", help="folder of audio files (with --merge: check that each file or caption is in a part)")
+    p.add_argument("--out", required=True, help="audio cache .npz, resumed when it exists (a shard: OUT.part-I-of-N.npz)")
+    p.add_argument("--captions", help="caption file (.csv or .json): embed its captions and the audio files they name")
     p.add_argument("--text-out", help="caption cache .npz (default: OUT with .captions.npz)")
-    p.add_argument("--id-col", help="column naming each caption's audio file (default: the first of "
-                                    f"{', '.join(ID_COLUMNS)}), or a template like '{{youtube_id}}_{{start_time}}'")
+    p.add_argument("--id-col", help=f"column naming each caption's audio file (default: the first of {', '.join(ID_COLUMNS)}), "
+                                    f"or a template like '{{youtube_id}}_{{start_time}}'")
     p.add_argument("--caption-col", help="caption columns, comma-separated (default: caption, caption_1, ...)")
-    p.add_argument("--skip-missing", action="store_true", help="leave out captions whose audio file is not in "
-                                                               "--audio-dir (default: an error)")
-    p.add_argument("--shard", help="I/N: embed only shard I of N (a stable split by audio id); default under "
-                                   "torchrun: RANK/WORLD_SIZE")
-    p.add_argument("--merge", nargs="+", metavar="PART", help="join shard parts of one cache into --out instead of "
-                                                               "embedding (captions' parts: a second --merge)")
+    p.add_argument("--skip-missing", action="store_true", help="leave out captions whose audio file is not there")
+    p.add_argument("--shard", help="I/N: embed shard I of N (a stable split by id; torchrun: RANK/WORLD_SIZE)")
+    p.add_argument("--merge", nargs="+", metavar="PART", help="join the shard parts of one cache into --out")
     p.add_argument("--encoder", choices=ENCODER_NAMES, default="logmel",
-                   help="logmel (no weights, audio only), hf-clap (transformers), laion-clap (clap: the same)")
-    p.add_argument("--model", help="hf-clap: hub id or local folder (default laion/clap-htsat-unfused); "
-                                   "laion-clap: audio tower, HTSAT-tiny (default) or HTSAT-base")
+                   help="logmel (no weights, audio only), hf-clap (transformers), laion-clap (pip install laion_clap)")
+    p.add_argument("--model", help="hf-clap: hub id or folder (default laion/clap-htsat-unfused); laion-clap: audio "
+                                   "tower, HTSAT-tiny (default) or HTSAT-base")
     p.add_argument("--checkpoint", help="laion-clap: local .pt (default: laion_clap downloads its own)")
     p.add_argument("--fusion", action="store_true", help="laion-clap: a fusion checkpoint")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -513,10 +573,9 @@ def main(argv=None) -> int:
         if args.captions and not args.audio_dir:
             raise DataError("--captions needs --audio-dir (the audio files the captions describe)")
         if args.merge:
-            plan = make_plan(args.audio_dir, args.captions, args.id_col, cols, args.skip_missing) \
-                if args.captions else None
             expect = None
-            if plan is not None:
+            if args.captions:
+                plan = make_plan(args.audio_dir, args.captions, args.id_col, cols, args.skip_missing)
                 text = "captions" in read_named(args.merge[0], ["encoder"])
                 expect = {(i, n) for i, n, _ in plan.captions} if text else {i for i, _ in plan.files}
             rows = merge(args.merge, args.out, args.audio_dir, expect)
@@ -526,7 +585,14 @@ def main(argv=None) -> int:
             p.error("--audio-dir is required (unless --merge)")
         if args.captions and args.encoder == "logmel":
             raise DataError("--encoder logmel embeds audio only; captions need --encoder hf-clap or laion-clap")
-        shard = parse_shard(args.shard)
+        if args.shard is None:   # one process, or torchrun's RANK / WORLD_SIZE
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            shard = (int(os.environ["RANK"]), world) if world > 1 else None
+        else:
+            i, sep, n = args.shard.partition("/")
+            if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+                raise DataError(f"--shard {args.shard}: use I/N with 0 <= I < N, e.g. --shard 0/4")
+            shard = int(i), int(n)
         plan = make_plan(args.audio_dir, args.captions, args.id_col, cols, args.skip_missing)   # before any weights load
         out = args.out if shard is None else part_path(args.out, shard)
         text_part = None if args.captions is None else text_out if shard is None else part_path(text_out, shard)
@@ -550,18 +616,17 @@ def main(argv=None) -> int:
             print(f"{args.captions}: {plan.skipped} captions left out: their audio file is not in {args.audio_dir} "
                   f"(--skip-missing)")
         if shard is not None:
-            n = shard[1]
             merge_args = f"--audio-dir {args.audio_dir} --captions {args.captions}" + \
                          (f" --id-col '{args.id_col}'" if args.id_col else "") + (" --skip-missing" if args.skip_missing else "")
             for cache_out in (args.out, text_out):
-                print(f"when all {n} shards are done: python -m embed_cache.extract --merge "
-                      f"{cache_out[:-4]}.part-*-of-{n}.npz --out {cache_out} {merge_args}")
+                print(f"when all {shard[1]} shards are done: python -m embed_cache.extract --merge "
+                      f"{cache_out[:-4]}.part-*-of-{shard[1]}.npz --out {cache_out} {merge_args}")
             return 0
         spec, note = data_spec(out, text_part, encoder.name)
         if note:
             print(note)
         print(f"train on them: python train.py --pair audio-text --data {spec}")
-    except DataError as e:
+    except ValueError as e:   # DataError, and pick_device's --device cuda without CUDA
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,44 +1,34 @@
-"""Per-clip feature files: a folder per modality, and Diff-Foley's CAVP layout.
-
-    dirs:a=feats/audio,b=feats/video[,key=feat,pool=mean]
-        each folder holds <id>.npy or <id>.npz files (key `feat` by default), one per clip,
-        shape (D,) or (L, D); the two folders are matched by id (the file name).
-    cavp:video=CAVP_feat,audio=CAVP_audio[,lists=DIR,pool=mean,fps=4]
-        each root holds {Train,Test}/<id>.npz with key `feat` (L, 512), per-frame unit norm,
-        4 frames per second. Split lists Train.txt / Test.txt (in lists=, default the video
-        root) name the ids of each split; without them the folder decides. Test is the test
-        split; val is carved out of Train by a stable hash of the id (val=0.1). A clip is in
-        one split and read from that split's files: an id in both lists, with files under
-        both Train/ and Test/, or with audio and video in different parts is refused.
-
-DiffGAP works on one vector per clip, so temporal features (L, D) are pooled:
-    pool=mean        mean over frames (default), then L2-normalised on load
-    pool=frames:N    N frames evenly spaced over the clip, concatenated: (N * D,)
-    pool=seconds:N   mean over each of the first N seconds (fps frames each), concatenated: (N * D,)
-Clips too short for the pooling are an error naming the file.
-"""
+"""Per-clip feature files: "dirs" (a folder of <id>.npy / <id>.npz per modality) and Diff-Foley's CAVP
+layout ("cavp": ROOT/{Train,Test}/<id>.npz, `feat` (L, 512) at 4 fps, ids listed in Train.txt / Test.txt).
+Features (L, D) are pooled to one vector per clip: pool=mean, frames:N (N evenly spaced frames,
+concatenated) or seconds:N (the mean of each of the first N seconds of fps frames, concatenated)."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
 
-from .arrays import Source, assemble, opt_flag, opt_float, read_array, read_ids
+from .arrays import Source, assemble, read_array, read_ids
 from .base import DataError, Dataset
 
 
+def parse_pool(text: str) -> str:
+    """The pool= option: mean, frames:N or seconds:N with N >= 1; else ValueError."""
+    kind, _, n = text.partition(":")
+    if not (text == "mean" or kind in ("frames", "seconds") and n.isdigit() and int(n) >= 1):
+        raise ValueError(f"use mean, frames:N or seconds:N; got {text!r}")
+    return text
+
+
 def pool(x: np.ndarray, how: str, fps: int, where: str) -> np.ndarray:
-    """(L, D) or (D,) features -> one vector."""
+    """(L, D) or (D,) features -> one vector (a parse_pool value)."""
     if x.ndim == 1:
         return x
     if x.ndim != 2 or len(x) == 0:
         raise DataError(f"{where}: expected features of shape (L, D) or (D,), got {x.shape}")
-    kind, _, n = how.partition(":")
-    if kind == "mean":
+    if how == "mean":
         return x.mean(0)
-    if kind not in ("frames", "seconds") or not n.isdigit() or int(n) < 1:
-        raise DataError(f"pool={how!r}: use mean, frames:N or seconds:N")
-    n = int(n)
+    kind, n = how.split(":")[0], int(how.split(":")[1])
     need = n if kind == "frames" else n * fps
     if len(x) < need:
         raise DataError(f"{where}: {len(x)} frames, but pool={how} needs {need}")
@@ -48,13 +38,9 @@ def pool(x: np.ndarray, how: str, fps: int, where: str) -> np.ndarray:
 
 
 def read_folder(folder: str, opts: dict, only: set | None = None) -> dict[str, np.ndarray]:
-    """{id: pooled vector} for the .npy / .npz files of a folder (ids restricted to `only`).
-
-    An id with two files (id.npy and id.npz) is refused: which one is the clip is not ours to guess.
-    """
+    """{id: pooled vector} of a folder's .npy / .npz files (of the ids in `only`); an id with two is refused."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
-    key, how, fps = opts.get("key", "feat"), opts.get("pool", "mean"), int(opt_float(opts, "fps", 4))
     out, dim, seen = {}, None, {}
     for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)
@@ -62,12 +48,11 @@ def read_folder(folder: str, opts: dict, only: set | None = None) -> dict[str, n
             continue
         if stem in seen:
             raise DataError(f"{folder}: id {stem!r} has two files ({seen[stem]}, {name}); keep one")
-        seen[stem] = name
-        path = os.path.join(folder, name)
-        x = read_array(path, key if ext == ".npz" else None)
+        seen[stem], path = name, os.path.join(folder, name)
+        x = read_array(path, opts.get("key", "feat") if ext == ".npz" else None)
         if x.dtype.kind != "f":
             raise DataError(f"{path}: dtype {x.dtype} is not floating point")
-        v = pool(np.asarray(x, dtype=np.float32), how, fps, path)
+        v = pool(np.asarray(x, dtype=np.float32), opts.get("pool", "mean"), opts.get("fps", 4), path)
         if dim is not None and v.shape != dim:
             raise DataError(f"{path}: pooled shape {v.shape}, but earlier files in {folder} give {dim}")
         dim, out[stem] = v.shape, v
@@ -89,23 +74,17 @@ def load_dirs(opts: dict, pair: str, spec: str) -> Dataset:
 
 
 def load_cavp(opts: dict, pair: str, spec: str) -> Dataset:
-    """Test/ is the test split; val is carved out of Train/ by the id's hash.
-
-    A clip belongs to one split and its features come from that split's files: an id in both
-    Train.txt and Test.txt, with files under both Train/ and Test/, or with its audio in one
-    part and its video in the other is refused, naming it.
-    """
+    """Test/ is the test split; val comes out of Train/ by the id's hash. A clip is in one split and read
+    from its files: an id in both lists, with files in both parts, or audio and video apart is refused."""
     if pair != "audio-video":
         raise DataError(f"{spec}: CAVP features are audio-video; use --pair audio-video")
     if "video" not in opts or "audio" not in opts:
         raise DataError(f"{spec}: give video=ROOT,audio=ROOT (each with Train/ and Test/ folders)")
     lists = opts.get("lists", opts["video"])
-    listed = {}
-    for part in ("Train", "Test"):
-        path = os.path.join(lists, f"{part}.txt")
-        listed[part] = set(read_ids(path)[0]) if os.path.isfile(path) else None
-    if listed["Train"] is not None and listed["Test"] is not None and listed["Train"] & listed["Test"]:
-        both = sorted(listed["Train"] & listed["Test"])
+    listed = {part: set(read_ids(path)[0]) if os.path.isfile(path := os.path.join(lists, f"{part}.txt")) else None
+              for part in ("Train", "Test")}
+    both = sorted((listed["Train"] or set()) & (listed["Test"] or set()))
+    if both:
         raise DataError(f"{os.path.join(lists, 'Train.txt')} and Test.txt both list {len(both)} ids (e.g. "
                         f"{', '.join(map(repr, both[:3]))}); a clip belongs to one split: remove them from one list")
     clips, part_of = {"audio": {}, "video": {}}, {"audio": {}, "video": {}}
@@ -121,7 +100,7 @@ def load_cavp(opts: dict, pair: str, spec: str) -> Dataset:
                 clips[modality][clip_id], part_of[modality][clip_id] = vector, part
     for part, ids in listed.items():   # a listed id with no file: a truncated or mistyped list, or a missing file
         absent = sorted((ids or set()) - set(part_of["audio"]) - set(part_of["video"]))
-        if absent and not opt_flag(opts, "drop_unpaired"):
+        if absent and not opts.get("drop_unpaired", False):
             raise DataError(f"{os.path.join(lists, part + '.txt')}: {len(absent)} listed ids have no feature file under "
                             f"{part}/ (e.g. {', '.join(map(repr, absent[:3]))}); pass drop_unpaired=1 to skip them")
     for clip_id, part in part_of["audio"].items():
@@ -130,6 +109,5 @@ def load_cavp(opts: dict, pair: str, spec: str) -> Dataset:
             raise DataError(f"clip {clip_id!r}: audio under {os.path.join(opts['audio'], part)}, video under "
                             f"{os.path.join(opts['video'], other)}; a clip's features come from one split's files")
     split = {i: ("test" if p == "Test" else None) for m in part_of.values() for i, p in m.items()}   # None: by hash
-    opts = {**opts, "test": "0"}   # the hash carves only val (out of Train)
     return assemble(pair, spec, source(opts["audio"], clips["audio"], split),
-                    source(opts["video"], clips["video"], split), opts)
+                    source(opts["video"], clips["video"], split), {**opts, "test": 0.0})   # the hash carves only val

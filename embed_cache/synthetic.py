@@ -1,42 +1,10 @@
-"""Built-in synthetic stand-in for pre-extracted CLAP / CAVP embeddings.
-
-Everything in diffgap runs on this with no data. It is seeded and deterministic, and its
-geometry is tuned to look like a real contrastive space (Liang et al., "Mind the Gap",
-NeurIPS 2022): unit vectors in a narrow cone per modality, the two cones apart (the
-modality gap), true pairs only moderately aligned.
-
-Generative story (all in a hidden "latent" basis; a random orthogonal matrix shared by both
-modalities maps it to the observed coordinates, so no coordinate is special):
-
-1. Semantic content. Each audio item i belongs to one of `classes` classes and carries a
-   shared semantic vector s_i = mu_class + w_i in an r-dim subspace: class centre plus
-   within-class variation, E|s|^2 = 1. For audio-text every audio has 5 captions, and each
-   caption adds its own description noise d_ij (captions describe different aspects).
-2. Imperfect alignment. Each modality sees the semantic content through its own per-dimension
-   salience: audio gets w_A * s, video/text gets w_B * s, with w_A, w_B drawn independently
-   (some concepts are audible but barely visible, and vice versa). A cosine between the raw
-   embeddings weighs dimensions by w_A * w_B; a learned map can re-weight them.
-3. Modality gap. Both modalities share a cone direction (coordinate 0, size `cone`), and sit
-   on opposite sides of a gap direction (coordinate 1, +gap for audio, -gap for B).
-4. Modality-specific nuisance. A few strong directions per modality (recording conditions,
-   visual style) with random coefficients, different for each modality, plus isotropic noise.
-5. Each embedding is L2-normalised, as CLAP and CAVP outputs are.
-6. Optionally one-to-many (`modes` > 1): each class owns `modes` audio variants, offsets in the
-   semantic subspace, and each audio item takes one at random, which its video or text does not
-   show (one video admits several plausible soundtracks). E[audio | video] then falls between
-   the variants: a regressor predicts that mean, a generative model can sample the variants.
-
-Presets (`preset=...`, explicit options override them): "default"; "aligned", a strong,
-well-aligned space with few pairs (contrastive test R@1 about 92 for audio-video, 83 / 94 for
-audio-text, from 800 training pairs), the regime where a learned score should not help; and
-"multimodal", the default with 4 audio variants per class, the regime built for a generative model.
-
-The difficulty comes only from 2-4, not from an arbitrary rotation between modalities.
-Steps 1-4 are linear-Gaussian given the class, so the generator can also score retrieval
-with its own true parameters (`oracle_scores`): the Gaussian log-likelihood of the query
-given each gallery item, log p(query | gallery item), with the moment-matched covariances.
-That is the Bayes-optimal ranking rule for the Gaussian approximation of this generator and
-serves as the reference ceiling; only the per-item noise and caption variation remain.
+"""Built-in synthetic stand-in for CLAP / CAVP embeddings, seeded and shaped like a real contrastive
+space (Liang et al., "Mind the Gap", 2022). In a hidden basis, an audio item has a class and content
+s = class centre + spread in an r-dim subspace (a caption adds its own noise); each modality sees s
+through its own per-dimension salience, sits on a shared cone (coordinate 0) and its side of a gap
+(coordinate 1), and adds its own nuisance and noise. modes > 1: each audio is one of its class's
+variants, unseen by B. Linear-Gaussian given the class, so `oracle_scores` ranks with the true
+parameters: the reference ceiling.
 """
 from __future__ import annotations
 
@@ -87,7 +55,11 @@ def make_config(**options) -> SyntheticConfig:
     preset = options.get("preset", "default")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (use {', '.join(PRESETS)})")
-    return SyntheticConfig(**{**PRESETS[preset], **options})
+    cfg = SyntheticConfig(**{**PRESETS[preset], **options})
+    if cfg.dim < cfg.rank + 2 or cfg.nuisance_rank > cfg.dim:   # coordinates 0, 1: cone and gap
+        raise ValueError(f"the synthetic layout needs dim >= rank + 2 and nuisance_rank <= dim "
+                         f"(got dim={cfg.dim}, rank={cfg.rank}, nuisance_rank={cfg.nuisance_rank})")
+    return cfg
 
 
 class SyntheticSpace:
@@ -98,25 +70,19 @@ class SyntheticSpace:
             raise ValueError(f"pair must be 'audio-video' or 'audio-text', got {pair!r}")
         self.pair, self.cfg = pair, cfg
         D, r = cfg.dim, cfg.rank
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + (pair == "audio-text"))
-        self.g = g
+        self.g = g = torch.Generator().manual_seed(cfg.seed * 1000 + (pair == "audio-text"))
         self.basis = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
         self.centres = torch.randn(cfg.classes, r, generator=g, dtype=torch.float64) * math.sqrt(cfg.class_share / r)
         # per-dimension salience, mean square 1: 1 + salience * N(0,1), kept positive
         sal = lambda: (1 + cfg.salience * torch.randn(r, generator=g, dtype=torch.float64)).abs()
-        self.w = [sal(), sal()]
-        self.w = [w / w.pow(2).mean().sqrt() for w in self.w]
+        self.w = [w / w.pow(2).mean().sqrt() for w in (sal(), sal())]
         # nuisance directions: orthonormal, inside the semantic subspace, so they blur it
         self.nuis = []
         for _ in range(2):
             U = torch.zeros(D, cfg.nuisance_rank, dtype=torch.float64)
             U[2:2 + r] = torch.randn(r, cfg.nuisance_rank, generator=g, dtype=torch.float64)
             self.nuis.append(torch.linalg.qr(U)[0])  # (D, q)
-        self.offset = []
-        for sign in (+1, -1):
-            m = torch.zeros(D, dtype=torch.float64)
-            m[0], m[1] = cfg.cone, sign * cfg.gap
-            self.offset.append(m)
+        self.offset = [torch.tensor([cfg.cone, sign * cfg.gap] + [0.0] * (D - 2), dtype=torch.float64) for sign in (1, -1)]
         # drawn last and only when asked for, so that one-to-one data stays what it was
         self.variants = None
         if cfg.modes > 1:
@@ -172,10 +138,8 @@ class SyntheticSpace:
         return self.offset[m], k * k * cov, k * W
 
     def oracle_scores(self, query: torch.Tensor, gallery: torch.Tensor, direction: int) -> torch.Tensor:
-        """log p(query | gallery item) up to a per-query constant, (Q, G), from true parameters.
-
-        direction 0: queries are B (video/text), gallery is audio; direction 1: the reverse.
-        """
+        """log p(query | gallery item) up to a per-query constant, (Q, G), from the true parameters;
+        direction 0: queries are B (video/text), the gallery audio; 1: the reverse."""
         qm, gm = (1, 0) if direction == 0 else (0, 1)
         mu_q, cov_q, W_q = self._moments(qm)
         mu_g, cov_g, W_g = self._moments(gm)

@@ -12,7 +12,6 @@ import embed_cache
 import train
 from embed_cache import DataError, Rows
 from embed_cache import arrays as arrays_mod
-from embed_cache.arrays import split_of
 
 D = 8
 
@@ -230,6 +229,8 @@ def test_large_npy_is_memory_mapped_and_trains_lazily(tmp_path, monkeypatch):
 
 
 def test_hash_splits_are_stable_and_sized():
+    def split_of(ids, val=0.1, test=0.1):   # every item alone in its group: the split of its id's hash
+        return arrays_mod.split_items(ids, None, np.arange(len(ids)), val, test, "spec")[0]
     ids = [f"clip{i}" for i in range(6000)]
     assert np.array_equal(split_of(ids[:1000]), split_of(ids)[:1000])
     share = np.bincount(split_of(ids, val=0.2, test=0.05), minlength=3) / 6000
@@ -241,6 +242,45 @@ def test_synthetic_spec_options():
     assert len(ds.splits["train"].a) == 100 and ds.spec.startswith("synthetic:seed=2")
     with pytest.raises(DataError, match="unknown synthetic option 'bogus'"):
         embed_cache.load("synthetic:bogus=1", "audio-video")
+
+
+BAD_OPTIONS = [   # (spec, what its one line names); the options are parsed before any file is read
+    ("arrays:a=a.npy,b=b.npy,vall=0.2", "unknown arrays option 'vall' (valid: a, a_ids, a_key, b, b_ids, b_key, "
+                                        "drop_bad, drop_unpaired, file, id_col, ids, per_a, split_col, test, val)"),
+    ("clap:audio=a.npy,text=t.npy,per_a=5", "unknown clap option 'per_a'"),
+    ("cavp:video=v,audio=a,test=0.1", "unknown cavp option 'test'"),
+    ("arrays:a=a.npy,b=b.npy,val=1.2", "option val: "),
+    ("arrays:a=a.npy,b=b.npy,test=nan", "option test: "),
+    ("arrays:a=a.npy,b=b.npy,val=0.5,test=0.5", "val + test must be below 1"),
+    ("arrays:a=a.npy,b=b.npy,per_a=0", "option per_a: "),
+    ("clap:audio=a.npy,text=t.npy,per_audio=x", "option per_audio: "),
+    ("arrays:a=a.npy,b=b.npy,drop_bad=maybe", "option drop_bad: "),
+    ("dirs:a=x,b=y,fps=two", "option fps: "),
+    ("dirs:a=x,b=y,pool=max", "option pool: "),
+    ("cavp:video=v,audio=a,pool=frames:0", "option pool: "),
+    ("synthetic:n_train=0", "option n_train: "),
+    ("synthetic:seed=-1", "option seed: "),
+    ("synthetic:noise=-1", "option noise: "),
+    ("synthetic:rank=1.5", "option rank: "),
+    ("synthetic:preset=strong", "unknown preset 'strong'"),
+    ("synthetic:dim=2", "needs dim >= rank + 2"),
+]
+
+
+@pytest.mark.parametrize("spec,named", BAD_OPTIONS, ids=[s for s, _ in BAD_OPTIONS])
+def test_a_bad_option_is_one_line_naming_the_spec_and_the_key(tmp_path, monkeypatch, spec, named):
+    monkeypatch.chdir(tmp_path)   # no file of the spec exists: the options are refused first
+    with pytest.raises(DataError) as err:
+        embed_cache.load(spec, "audio-text" if spec.startswith("clap") else "audio-video")
+    assert str(err.value).startswith(f"{spec}: ") and named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_json_spec_values_are_parsed_as_the_string_options_are(tmp_path):
+    spec = tmp_path / "data.json"
+    spec.write_text(json.dumps({"format": "synthetic", "n_train": 64, "n_val": 8, "n_test": 8, "noise": 0.2}))
+    ds = embed_cache.load(str(spec), "audio-video")
+    want = embed_cache.load("synthetic:n_train=64,n_val=8,n_test=8,noise=0.2", "audio-video")
+    assert torch.equal(ds.splits["test"].a, want.splits["test"].a)
 
 
 def test_json_spec_file(tmp_path):
@@ -324,7 +364,7 @@ BAD = [
     ("one_side_ids", r"3 ids in .*b\.npy have no row in .*a\.npy \(e\.g\. 'k200', 'k201', 'k202'\); pass drop_unpaired=1"),
     ("dup_ids", r"a\.npy: id 'k4' appears at rows 4 and 5 with different vectors \(1 such ids\)"),
     ("id_count", r"a\.npy: 200 rows but 190 ids"),
-    ("bad_option", r"option val='lots' needs a number"),
+    ("bad_option", r"option val: 'lots' is not a number"),
 ]
 
 
@@ -345,6 +385,9 @@ def test_drop_options_remove_exactly_the_named_rows(tmp_path):
     ds = embed_cache.load(spec + ",drop_bad=1" if spec.startswith("arrays:") else
                           f"arrays:a={tmp_path}/a.npy,b={tmp_path}/b.npy,drop_bad=1", "audio-video")
     assert sum(len(s.a) for s in ds.splits.values()) == 198 and "dropped 2 bad audio rows" in ds.summary()
+    np.save(tmp_path / "z.npy", np.zeros((200, D), np.float32))
+    with pytest.raises(DataError, match=r"z\.npy: 200 bad rows"):   # every row bad: an error, dropped or not
+        embed_cache.load(f"arrays:a={tmp_path}/z.npy,b={tmp_path}/b.npy,drop_bad=1", "audio-video")
     spec = bad_case(tmp_path, "one_side_ids")
     ds = embed_cache.load(spec + ",drop_unpaired=1", "audio-video")
     # audio k0..k2 have no B rows, B rows k200..k202 no audio: both dropped, 197 pairs remain

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from embed_cache import DataError
-from embed_cache.extract import LogMelEncoder, extract, merge, part_path, read_cache
+from embed_cache.extract import LogMelEncoder, extract, load_cache, merge, part_path
 from test_extract import write_clips
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,12 +110,12 @@ def test_sharded_extraction_merged_equals_one_process(tmp_path):
     parts = [part_path(out, (i, 3)) for i in range(3)]
     for i, part in enumerate(parts):
         extract(str(tmp_path / "wav"), part, enc, batch_size=4, shard=(i, 3))
-    sizes = [len(read_cache(p, enc.name)[0]) for p in parts]
+    sizes = [len(load_cache(p, enc.name)["ids"]) for p in parts]
     assert sum(sizes) == 30 and all(0 < n < 30 for n in sizes)
     assert merge(parts, out, str(tmp_path / "wav")) == 30
-    (ids_1, rows_1), (ids_m, rows_m) = read_cache(whole, enc.name), read_cache(out, enc.name)
+    one, merged = load_cache(whole, enc.name), load_cache(out, enc.name)
     # same ids, same vectors up to float32 rounding: the shards' batches group other clips together
-    assert ids_1 == ids_m and np.allclose(np.stack(rows_1), np.stack(rows_m), rtol=1e-5, atol=1e-6)
+    assert one["ids"] == merged["ids"] and np.allclose(np.stack(one["emb"]), np.stack(merged["emb"]), rtol=1e-5, atol=1e-6)
 
     with pytest.raises(DataError, match=r"shard 1/3 is missing"):
         merge([parts[0], parts[2]], str(tmp_path / "bad.npz"))

@@ -72,14 +72,6 @@ def test_extract_resumes_and_a_bad_file_keeps_the_cache(tmp_path):
     assert np.array_equal(kept["emb"][:12], first["emb"])
 
 
-def test_clap_is_the_old_name_of_laion_clap(tmp_path, capsys):
-    write_clips(tmp_path / "wav", n=2)
-    assert main(["--audio-dir", str(tmp_path / "wav"), "--out", str(tmp_path / "a.npz"), "--encoder", "clap",
-                 "--checkpoint", str(tmp_path / "630k.pt")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: --checkpoint {tmp_path / '630k.pt'}: no such file (a LAION-CLAP .pt")
-    assert not (tmp_path / "a.npz").exists()
-
-
 def run(args, cwd):
     r = subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": ROOT})

@@ -162,7 +162,7 @@ def test_shards_and_merges_from_the_command_line_equal_one_process(model_dir, tm
 
 def test_fusion_checkpoints_embed_the_same_every_time(tmp_path):
     """A fusion feature extractor flags a random clip of each batch as longer; extraction must not."""
-    from embed_cache.encoders import HFClapEncoder
+    from embed_cache.extract import HFClapEncoder
     enc = HFClapEncoder(tiny_clap(tmp_path / "fused", fusion=True), device="cpu")
     rng = np.random.default_rng(0)
     clips = [rng.normal(size=n).astype(np.float32) * 0.1 for n in (20000, 48000, 30000)]
@@ -205,4 +205,14 @@ def test_transformers_missing_is_one_line(tmp_path, monkeypatch, capsys):
     assert main(["--encoder", "hf-clap", "--audio-dir", str(tmp_path / "clips"), "--out", str(tmp_path / "a.npz")]) == 2
     assert capsys.readouterr().err == ("error: --encoder hf-clap needs the transformers package: pip install transformers "
                                        "(--encoder logmel needs nothing)\n")
+    assert not (tmp_path / "a.npz").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    write_dataset(tmp_path, n=2)
+    assert main(["--encoder", "hf-clap", "--model", str(tmp_path / "none"), "--device", "cuda", "--audio-dir",
+                 str(tmp_path / "clips"), "--out", str(tmp_path / "a.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda: ") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "a.npz").exists()

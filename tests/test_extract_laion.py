@@ -128,7 +128,7 @@ def test_roberta_base_not_cached_offline_is_one_line(tmp_path, fake_laion, monke
 
 
 def test_wrapper_feeds_clap_module_the_first_10_s_at_48_khz_and_captions(tmp_path, fake_laion, capsys):
-    from embed_cache.encoders import LaionClapEncoder
+    from embed_cache.extract import LaionClapEncoder
     clips_and_captions(tmp_path)
     environ = dict(os.environ)
     enc = LaionClapEncoder(None, device="cpu")

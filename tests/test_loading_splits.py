@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import diffgap as dg
+import diffgap_eval as ev
 import embed_cache
 from embed_cache import DataError
 
@@ -42,7 +42,7 @@ def clap_captions(n_audio=200, per=5, seed=0):
 
 def text_to_audio_r1(split):
     q, g, rel = split.retrieval(0)
-    return dg.retrieval_metrics(dg.cosine_scores(q, g), rel)["R@1"]
+    return ev.retrieval_metrics(ev.cosine_scores(q, g), rel)["R@1"]
 
 
 def test_clap_audio_repeated_once_per_caption_is_one_clip_in_one_split(tmp_path):
@@ -93,7 +93,7 @@ def test_unlinked_items_keep_their_hash_split(tmp_path):
     np.save(tmp_path / "a.npy", a), np.save(tmp_path / "b.npy", b)
     ds = embed_cache.load(f"{tmp_path}/a.npy,{tmp_path}/b.npy", "audio-video")
     where = {i: k for k, s in enumerate(ds.splits.values()) for i in s.a_ids}
-    want = embed_cache.arrays.split_of([str(i) for i in range(400)])
+    want = embed_cache.arrays.split_items([str(i) for i in range(400)], None, np.arange(400), 0.1, 0.1, "spec")[0]
     assert all(where[str(i)] == want[i] for i in range(400) if i != 20)   # row 20 merged into row 10
     assert "20" not in where
 

@@ -120,7 +120,7 @@ def test_checkpoint_write_syncs_the_data_then_renames_then_syncs_the_folder(tmp_
 
 def test_crash_drill_one_trial_is_identical():
     """~20 s: SIGKILL after the first checkpoint, resume, compare with a clean run."""
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "crash_drill.py"), "--trials", "1",
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "crash_drill.py"), "--trials", "1",
                           "--data", "synthetic:n_train=600,n_val=20,n_test=20", "--epochs", "6",
                           "--switch-every", "7", "--after-first-save", "--seed", "1"],
                          capture_output=True, text=True, timeout=300)
@@ -159,16 +159,16 @@ BAD_TRAIN = [
     (["--data", "clap:audio=a.npy,text=t.npy,per_a=5"], "unknown clap option 'per_a'"),
     (["--data", "cavp:video=v,audio=a,test=0.1"], "unknown cavp option 'test'"),
     (["--data", "synthetic:n_train=100,vall=0.2"], "unknown synthetic option 'vall'"),
-    (["--data", "synthetic:n_train=0"], "option n_train=0 must be >= 1"),
-    (["--data", "synthetic:noise=-1"], "option noise=-1 must be >= 0"),
+    (["--data", "synthetic:n_train=0"], "option n_train: must be finite, >= 1"),
+    (["--data", "synthetic:noise=-1"], "option noise: must be finite, >= 0"),
     (["--data", "synthetic:preset=strong"], "unknown preset 'strong' (use default, aligned, multimodal)"),
     (["--data", "synthetic:dim=2"], "needs dim >= rank + 2 and nuisance_rank <= dim (got dim=2, rank=64"),
     (["--data", "synthetic:rank=600"], "needs dim >= rank + 2"),
-    (["--data", "arrays:a=a.npy,b=b.npy,val=1.2"], "option val=1.2 must be in [0, 1)"),
+    (["--data", "arrays:a=a.npy,b=b.npy,val=1.2"], "option val: must be finite, >= 0 and < 1"),
     (["--data", "arrays:a=a.npy,b=b.npy,val=0.5,test=0.5"], "val + test must be below 1"),
-    (["--data", "arrays:a=a.npy,b=b.npy,per_a=0"], "option per_a=0 must be an integer >= 1"),
-    (["--data", "arrays:a=a.npy,b=b.npy,drop_bad=maybe"], "option drop_bad='maybe' must be 0 or 1"),
-    (["--data", "dirs:a=x,b=y,fps=two"], "option fps='two' needs an integer"),
+    (["--data", "arrays:a=a.npy,b=b.npy,per_a=0"], "option per_a: must be finite, >= 1"),
+    (["--data", "arrays:a=a.npy,b=b.npy,drop_bad=maybe"], "option drop_bad: must be 0 or 1"),
+    (["--data", "dirs:a=x,b=y,fps=two"], "option fps: 'two' is not an integer"),
     (["--data", TINY, "--batch-size", "5000"], "batch size 5000 must be between 1 and the number of training pairs (256)"),
     (["--resume"], "runs/audio-video/ckpt.pt: no such checkpoint"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "cuda"),

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-import diffgap as dg
+import diffgap_eval as ev
+import embed_cache
 from embed_cache import synthetic_dataset
 
 
@@ -46,8 +47,8 @@ def test_contrastive_baseline_is_far_from_perfect_with_headroom(data):
     test = data.splits["test"]
     for d in (0, 1):
         q, g, rel = test.retrieval(d)
-        r1 = dg.retrieval_metrics(dg.cosine_scores(q, g), rel)["R@1"]
-        ceiling = dg.retrieval_metrics(data.oracle(q, g, d), rel)["R@1"]
+        r1 = ev.retrieval_metrics(ev.cosine_scores(q, g), rel)["R@1"]
+        ceiling = ev.retrieval_metrics(data.oracle(q, g, d), rel)["R@1"]
         assert 0.05 <= r1 <= 0.40
         assert ceiling > r1 + 0.3
 
@@ -59,6 +60,8 @@ def test_the_default_data_is_what_it_was_before_the_presets():
         test = synthetic_dataset(pair, n_train=50, n_val=5, n_test=5).splits["test"]
         assert torch.allclose(test.a[0, :3], torch.tensor(a0), atol=1e-6)
         assert torch.allclose(test.b[-1, :3], torch.tensor(b_last), atol=1e-6)
+        spec = embed_cache.load("synthetic:n_train=50,n_val=5,n_test=5", pair).splits["test"]   # the commands' way
+        assert torch.equal(spec.a, test.a) and torch.equal(spec.b, test.b)
 
 
 def test_multimodal_audio_has_variants_that_video_does_not_show():
