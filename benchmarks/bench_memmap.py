@@ -51,7 +51,7 @@ def child(a: str, b: str, steps: int) -> None:
     print(f"load + check {data.summary()}\n  {time.perf_counter() - t0:.1f} s, peak RSS {peak():.0f} MB")
     train = data.splits["train"]
     t0 = time.perf_counter()
-    model = dg.DiffGAP(dg.DiffGAPConfig())
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=data.dims[0], dim_b=data.dims[1]))   # --dim other than 512 too
     model.fit_stats(train.a, train.b)
     print(f"fit_stats over {len(train.a):,} + {len(train.b):,} rows: {time.perf_counter() - t0:.1f} s, peak RSS {peak():.0f} MB")
     pa, pb = train.pairs()

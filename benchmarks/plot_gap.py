@@ -3,12 +3,11 @@
     python benchmarks/plot_gap.py                         # newest runs/*/ckpt.pt -> results/gap.svg
     python benchmarks/plot_gap.py --ckpt runs/audio-text/ckpt.pt --out gap_text.svg
 
-Left: the test split's embeddings in 2-D, by a PCA fitted on the real embeddings of both
-modalities: audio, video (or text), and audio generated from the video by DiffGAP (one sample
-each, 5 DDIM steps, guidance 1, as `sample.py --cond` writes them). The two real clouds sit apart
-(the modality gap); the generated points land in the audio cloud. Right: test R@1 against K,
-the number of guided samples averaged for the diffgap score, in both directions, with the
-contrastive score and the two-way score at K = 16 for reference.
+Left: the test split in 2-D (a PCA of the real embeddings of both modalities): audio, video (or text),
+and audio generated from the video (one sample each, 5 DDIM steps, guidance 1, as `sample.py --cond`
+writes them). The real clouds sit apart (the modality gap); the generated points land among the audio.
+Right: test R@1 against K, the guided samples averaged for the diffgap score, both directions, with
+the contrastive score and the two-way score at K = 16 for reference.
 """
 from __future__ import annotations
 
@@ -19,10 +18,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import diffgap as dg  # noqa: E402
-import embed_cache  # noqa: E402
 import diffgap_eval as ev  # noqa: E402
-from diffgap_eval import GALLERY_GUIDANCE, RANK_GUIDANCE, find_checkpoint, rank_guidance  # noqa: E402
+import embed_cache  # noqa: E402
 
 COLOURS = {"audio": "#1f77b4", "other": "#ff7f0e", "generated": "#2ca02c", "B->A": "#1f77b4", "A->B": "#d62728"}
 KS = (1, 2, 4, 8, 16)
@@ -41,7 +38,6 @@ class Panel:
     def __init__(self, left: float, top: float, size: float, xs, ys, pad: float = 0.05):
         lo_x, hi_x, lo_y, hi_y = min(xs), max(xs), min(ys), max(ys)
         span_x, span_y = (hi_x - lo_x) or 1.0, (hi_y - lo_y) or 1.0
-        self.box = (left, top, size)
         self.x = lambda v: left + size * (pad + (1 - 2 * pad) * (v - lo_x) / span_x)
         self.y = lambda v: top + size * (1 - pad - (1 - 2 * pad) * (v - lo_y) / span_y)
         self.parts = [f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#999"/>']
@@ -60,10 +56,6 @@ class Panel:
                           f'font-family="sans-serif">{s}</text>')
 
 
-def recall_at_1(queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor) -> float:
-    return dg.retrieval_metrics_from_embeddings(queries, gallery, relevant)["R@1"]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/ckpt.pt)")
@@ -71,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--points", type=int, default=400, help="items of each kind drawn in the left panel")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    path = find_checkpoint(args.ckpt)
+    path = ev.find_checkpoint(args.ckpt)
     model, ckpt = ev.load_checkpoint(path, needs=("step", "pair", "data"))
     model.eval()
     data = embed_cache.load(ckpt["run"]["data"], ckpt["run"]["pair"])
@@ -87,8 +79,7 @@ def main(argv=None) -> int:
     generated = model.sample(video, 0, steps=5, generator=g)                     # (n, D), guidance 1
     V, mean = pca_2d(torch.cat([test.a, test.b]))
     proj = {k: ((x - mean) @ V).tolist() for k, x in (("audio", audio), ("other", video), ("generated", generated))}
-    xs = [pt[0] for pts in proj.values() for pt in pts]
-    ys = [pt[1] for pts in proj.values() for pt in pts]
+    xs, ys = zip(*(pt for pts in proj.values() for pt in pts))
     left = Panel(20, 50, 420, xs, ys)
     for k in ("audio", "other", "generated"):
         left.dots(proj[k], COLOURS[k])
@@ -99,22 +90,20 @@ def main(argv=None) -> int:
     left.text(230, 40, f"test embeddings, PCA of the real ones ({ckpt['run']['pair']})", 14, "middle")
 
     # right: R@1 against K for the diffgap score, both directions; contrastive and two-way for scale
-    guidance = rank_guidance(model, RANK_GUIDANCE)
+    guidance = ev.rank_guidance(model, ev.RANK_GUIDANCE)
     curves, flat = {}, {}
-    samples = {d: model.sample_many(x, d, max(KS), steps=5, guidance=guidance, generator=g)   # (K, N, D)
-               for d, x in ((0, test.b), (1, test.a))}
-    for d, name in ((0, "B->A"), (1, "A->B")):
+    for d, name in ev.DIRECTIONS.items():
         q, gal, rel = test.retrieval(d)
-        curves[name] = [(k, 100 * recall_at_1(samples[d][:k].mean(0), gal, rel)) for k in KS]
-        q_hat_g = model.translate(gal, 1 - d, max(KS), steps=5, guidance=rank_guidance(model, GALLERY_GUIDANCE),
+        samples = model.sample_many(q, d, max(KS), steps=5, guidance=guidance, generator=g)   # (K, Q, D)
+        curves[name] = [100 * ev.retrieval_metrics_from_embeddings(samples[:k].mean(0), gal, rel)["R@1"] for k in KS]
+        q_hat_g = model.translate(gal, 1 - d, max(KS), steps=5, guidance=ev.rank_guidance(model, ev.GALLERY_GUIDANCE),
                                   generator=g)                                   # the gallery side, as sample.py
-        two = ev.score_retrieval(q, gal, rel, samples[d].mean(0), q_hat_g, scores=["contrastive", "two-way"])
+        two = ev.score_retrieval(q, gal, rel, samples.mean(0), q_hat_g, scores=["contrastive", "two-way"])
         flat[name] = (100 * two["contrastive"]["R@1"], 100 * two["two-way"]["R@1"])
-    top = max(max(v for _, v in c) for c in curves.values())
-    top = max(top, *(t for _, t in flat.values()))
+    top = max([v for c in curves.values() for v in c] + [t for _, t in flat.values()])
     right = Panel(500, 50, 420, [0, 4.2], [0, top * 1.08], pad=0.08)
     for name, c in curves.items():
-        pts = [(KS.index(k), v) for k, v in c]
+        pts = list(enumerate(c))
         right.line(pts, COLOURS[name])
         right.dots(pts, COLOURS[name], r=3.5, opacity=1)
         right.line([(0, flat[name][0]), (4, flat[name][0])], COLOURS[name], dash="5,4", width=1.2)
@@ -133,7 +122,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     ev.atomic_write(args.out, lambda f: f.write("\n".join(svg).encode()))
     for name, c in curves.items():
-        print(f"{name}: R@1 at K={', '.join(f'{k}: {v:.1f}' for k, v in c)}; contrastive {flat[name][0]:.1f}, "
+        print(f"{name}: R@1 at K={', '.join(f'{k}: {v:.1f}' for k, v in zip(KS, c))}; contrastive {flat[name][0]:.1f}, "
               f"two-way (K=16) {flat[name][1]:.1f}")
     print(f"wrote {args.out} ({path}, step {ckpt['step']})")
     return 0

@@ -1,4 +1,4 @@
-"""Baselines of benchmarks/baselines.py and the table script benchmarks/paper_tables.py."""
+"""The baselines of benchmarks/baselines.py and the quick modes of the research driver, benchmarks/research.py."""
 import os
 import re
 import subprocess
@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import diffgap as dg
+import diffgap_eval as ev
 import embed_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESEARCH = os.path.join(ROOT, "benchmarks", "research.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from baselines import MLPBaseline, Ridge, fit_ridge  # noqa: E402
 
@@ -56,12 +58,12 @@ def test_mlp_learns_a_linear_map():
     losses = [s["loss"] for s in dg.train_steps(mlp, *tr.pairs(), dg.make_optimizer(mlp, 1e-3), 400, 64, seed=0)]
     assert np.mean(losses[-50:]) < 0.8 * np.mean(losses[:10])
     q, g, rel = ds.splits["test"].retrieval(0)
-    assert dg.paired_cosine(mlp.predict(q, 0), g, rel) > dg.paired_cosine(q, g, rel) + 0.2
+    assert ev.paired_cosine(mlp.predict(q, 0), g, rel) > ev.paired_cosine(q, g, rel) + 0.2
 
 
 def test_quick_tables_are_produced_and_well_formed(tmp_path):
     out = tmp_path / "tables.md"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "paper_tables.py"), "--quick", "--out", str(out)],
+    r = subprocess.run([sys.executable, RESEARCH, "tables", "--quick", "--out", str(out)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     text = out.read_text()
@@ -89,9 +91,8 @@ def test_quick_tables_are_produced_and_well_formed(tmp_path):
 
 def test_regimes_table_has_every_method_and_a_choice_never_below_contrastive_on_val(tmp_path):
     out = tmp_path / "regimes.md"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "regimes.py"), "--quick", "--regimes",
-                        "aligned", "--pairs", "audio-video", "--workers", "1", "--out", str(out)],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, RESEARCH, "regimes", "--quick", "--regimes", "aligned", "--pairs", "audio-video",
+                        "--workers", "1", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
     for method in ("contrastive", "ridge", "ridge two-way", "mlp", "mlp two-way", "plug-in", "diffgap", "two-way",
@@ -99,6 +100,20 @@ def test_regimes_table_has_every_method_and_a_choice_never_below_contrastive_on_
         cells = rows[method].strip("|").split("|")[1:]
         assert len(cells) == 2 and all(re.match(r" \d+\.\d \[\d+\.\d, \d+\.\d\]", c) for c in cells), rows[method]
     assert re.search(r"\((contrastive|diffgap|two-way|blend-[\d.]+|two-way-blend-[\d.]+)\)", rows["auto"])
+
+
+def test_quick_sweep_has_the_references_and_every_variant_setting(tmp_path):
+    """Guidance is skipped for a variant trained without condition dropout; the references come once."""
+    r = subprocess.run([sys.executable, RESEARCH, "sweep", "--quick", "--variant", "base", "--variant", "cfg:p_uncond=0.1",
+                        "--eval", "K=4,steps=2", "--eval", "K=4,steps=2,guidance=4", "--seeds", "0", "1"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = [line.strip("|").split("|") for line in r.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [c[0].strip() for c in rows] == ["ridge", "plug-in", "base K=4 steps=2", "cfg K=4 steps=2",
+                                            "cfg K=4 steps=2 guidance=4"]
+    for cells in rows:
+        assert len(cells) == 5 and all(re.fullmatch(r" \d+\.\d ± \d+\.\d ", c) for c in cells[1:]), cells
+    assert not (tmp_path / "results").exists()   # a sweep writes no file unless --out says so
 
 
 def test_gaussian_plugin_ranks_by_the_conditional_log_likelihood():

@@ -1,7 +1,7 @@
 """Crash drill: kill training with SIGKILL at random moments, resume it, compare with a clean run.
 
-    python benchmarks/crash_drill.py --trials 10                      # synthetic:n_train=2000, 30 epochs
-    python benchmarks/crash_drill.py --trials 10 --data synthetic --epochs 2 --switch-every 200
+    python tests/crash_drill.py --trials 10                      # synthetic:n_train=2000, 30 epochs
+    python tests/crash_drill.py --trials 10 --data synthetic --epochs 2 --switch-every 200
 
 First one uninterrupted `train.py` run (the reference) is timed. Each trial then starts the same
 command in a fresh folder, kills it with SIGKILL after a random time in (0, reference time)
@@ -12,7 +12,8 @@ weights, EMA weights, embedding statistics and every optimizer state tensor. Che
 written every --save-every-min minutes (default 0.005, i.e. ~0.3 s), so kills land between
 checkpoints, mid-epoch and across direction switches, not only at epoch ends.
 
-Prints one line per trial and `identical: I/N`; exits 1 unless every trial is identical.
+Prints one line per trial and `identical: I/N`; exits 1 unless every trial is identical. A tool
+beside the tests (pytest does not collect it): tests/test_reliability.py runs one trial.
 """
 from __future__ import annotations
 

@@ -1,40 +1,38 @@
-"""Mutation testing of diffgap.py's paper part and of kernels/: do the fast tests catch a changed line?
+"""Mutation testing of diffgap.py and of kernels/: do the fast tests catch a changed line?
 
---target diffgap (the default): mutmut (pinned below) changes one thing at a time in diffgap.py's
-sections 1-4 (schedule, denoiser, diffusion, training loop; the metrics of section 5 and the raise
-lines, which only build messages, are left alone) and runs the tests that cover the changed
-function, fastest first; a mutant is killed when a test fails. mutmut forks each test run from a
-warm process, but it never mutates a decorated function, so every @triton.jit kernel would be
-left alone: for
+A tool beside the tests (pytest does not collect it). --target diffgap (the default): mutmut
+(pinned below) changes one thing at a time in diffgap.py, the paper (schedule, denoiser,
+diffusion, training loop; raise lines, which only build messages, are left alone), and runs the
+tests that cover the changed function, fastest first; a mutant is killed when a test fails.
+mutmut forks each test run from a warm process, but it never mutates a decorated function, so
+every @triton.jit kernel would be left alone: for
 
---target kernels, cosmic-ray (pinned below) edits the kernel files themselves (kernels/__init__.py,
-fused_mlp.py, cosine_topk.py, first_use.py: the kernels, their launchers, autograd.Functions,
-tile configs and first-use check) and runs the kernel tests (the Triton interpreter, and the
-sm_80 / sm_90 compiles) in a fresh process per mutant. Its operators are cut to one natural
-replacement each, as mutmut makes (+ -, * /, < <=, == !=, numbers +-1, `not` added or removed,
-...): cosmic-ray's default replaces every operator by every other (3,260 mutants here, most of
-them `+` -> `>>` and the like), which 2 cores cannot run. kernels/aot.py (a compile-and-report
-tool) and kernels/roofline.py (a table of GPU peaks) are not mutated. Raise statements (messages)
-are skipped, as for diffgap.py.
+--target kernels, cosmic-ray (pinned below) edits the kernel files themselves (every .py file
+under kernels/ when the session starts: the kernels, their launchers, autograd.Functions, tile
+configs and the torch path) and runs the kernel tests (the Triton interpreter, and the sm_80 /
+sm_90 compiles) in a fresh process per mutant. Its operators are cut to one natural replacement
+each, as mutmut makes (+ -, * /, < <=, == !=, numbers +-1, `not` added or removed, ...):
+cosmic-ray's default replaces every operator by every other (thousands of mutants, most of them
+`+` -> `>>` and the like), which 2 cores cannot run. Raise statements are skipped, as for diffgap.py.
 
 Both work on a copy of the repository in --work, never on the checkout, and are long (a first
 pass takes about 40 minutes on 2 cores for diffgap.py, about 70 for kernels/), so they are not
 part of CI:
 
     pip install mutmut==3.8.1 cosmic-ray==8.7.0
-    python benchmarks/mutation.py --minutes 10     # repeat until it says "all mutants tested"
-    python benchmarks/mutation.py --report         # killed / tested, and every survivor's diff
-    python benchmarks/mutation.py --target kernels --minutes 10    # the same for kernels/
-    python benchmarks/mutation.py --target kernels --report
+    python tests/mutation.py --minutes 10     # repeat until it says "all mutants tested"
+    python tests/mutation.py --report         # killed / tested, and every survivor's diff
+    python tests/mutation.py --target kernels --minutes 10    # the same for kernels/
+    python tests/mutation.py --target kernels --report
 
 Each run stops after --minutes (Ctrl-C-like, the results so far are kept) and the next one goes
 on where it stopped, with the checkout's tests as they are then (for diffgap.py, also with its
 code as it is then: mutmut tests again every function whose code changed); --retest marks the
 survivors untested (after a test was added for them) and goes on like a plain run; --fresh
-starts over from the checkout's current files. For diffgap.py each test process uses one thread
-(OMP_NUM_THREADS=1) and --jobs of them run at once; for kernels/ one runs at a time.
-results/README.md ("Mutation testing") has the figures and why each survivor is harmless or
-which test now catches it.
+starts over from the checkout's current files (for kernels/, also its current list of files).
+For diffgap.py each test process uses one thread (OMP_NUM_THREADS=1) and --jobs of them run at
+once; for kernels/ one runs at a time. results/README.md ("Mutation testing") has the figures
+and why each survivor is harmless or which test now catches it.
 """
 from __future__ import annotations
 
@@ -55,9 +53,8 @@ from importlib.metadata import PackageNotFoundError, version
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUTMUT = "3.8.1"
 COSMIC_RAY = "8.7.0"
-SECTION_5 = "# 5. Metrics"        # where the paper part of diffgap.py ends
 
-# The fast tests that exercise sections 1-4 (a few seconds each; nothing that starts a process)
+# The fast tests that exercise diffgap.py (a few seconds each; nothing that starts a process)
 TESTS = [
     "tests/test_schedule.py",
     "tests/test_sampler.py",
@@ -88,25 +85,14 @@ do_not_mutate_patterns =
 """
 
 
-def copy_checkout(src: str, fence_section_5: bool = True) -> None:
-    """The checkout's tracked files (as they are now, edits included) into src; for mutmut,
-    section 5 of diffgap.py fenced off with its pragmas, and its configuration beside them."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+def copy_checkout(src: str) -> None:
+    """The checkout's files as they are now (edits and files git does not ignore included) into src."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
     for name in files:
-        if os.path.isfile(os.path.join(ROOT, name)):
+        if os.path.isfile(os.path.join(ROOT, name)):   # a file deleted in the checkout is still listed
             os.makedirs(os.path.dirname(os.path.join(src, name)) or src, exist_ok=True)
             shutil.copy2(os.path.join(ROOT, name), os.path.join(src, name))
-    if not fence_section_5:
-        return
-    path = os.path.join(src, "diffgap.py")
-    text = open(path).read()
-    if SECTION_5 not in text:
-        raise SystemExit(f"error: diffgap.py: no line starting {SECTION_5!r}: cannot find the end of the paper part")
-    head, tail = text.split(SECTION_5, 1)
-    with open(path, "w") as f:
-        f.write(head + "# pragma: no mutate start\n" + SECTION_5 + tail.rstrip("\n") + "\n# pragma: no mutate end\n")
-    with open(os.path.join(src, "setup.cfg"), "w") as f:
-        f.write(SETUP_CFG.format(tests="\n".join("    " + t for t in TESTS)))
 
 
 def refresh_tests(src: str) -> None:
@@ -176,9 +162,8 @@ def report(src: str) -> None:
 
 # -- kernels/: cosmic-ray ------------------------------------------------------------------------
 
-KERNEL_FILES = ["kernels/__init__.py", "kernels/fused_mlp.py", "kernels/cosine_topk.py", "kernels/first_use.py"]
-# Fastest first; -x: the first failure kills the mutant
-KERNEL_TESTS = "tests/test_kernels.py tests/test_first_use.py tests/test_aot.py"
+# Fastest first, those of them that exist when the session starts; -x: the first failure kills the mutant
+KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_first_use.py", "tests/test_aot.py"]
 # The operators kept, one natural replacement each (cosmic-ray names them Kind_From_To)
 KEPT_OPERATORS = re.compile(
     r"core/(ReplaceBinaryOperator_(Add_Sub|Sub_Add|Mul_Div|Div_Mul|FloorDiv_Div|Mod_FloorDiv|Pow_Mul|"
@@ -206,19 +191,22 @@ def raise_lines(path: str) -> set[int]:
 
 
 def kernels_init(work: str, src: str) -> None:
-    """The copy, a pristine copy of the mutated files (restored before each run), cosmic-ray's
-    session, and every mutant of an operator not kept, or on a raise line, marked skipped."""
+    """The copy, a pristine copy of the files to mutate (every .py file under kernels/, restored before
+    each run), cosmic-ray's session, and every mutant of an operator not kept, or on a raise line,
+    marked skipped."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
-    copy_checkout(src, fence_section_5=False)
-    for name in KERNEL_FILES:
+    copy_checkout(src)
+    files = sorted(f"kernels/{name}" for name in os.listdir(os.path.join(src, "kernels")) if name.endswith(".py"))
+    for name in files:
         os.makedirs(os.path.dirname(os.path.join(work, "pristine", name)), exist_ok=True)
         shutil.copy2(os.path.join(src, name), os.path.join(work, "pristine", name))
+    tests = " ".join(t for t in KERNEL_TESTS if os.path.exists(os.path.join(src, t)))
     with open(os.path.join(src, "cosmic-ray.toml"), "w") as f:
-        f.write(CR_CONFIG.format(files=json.dumps(KERNEL_FILES), python=sys.executable, tests=KERNEL_TESTS))
+        f.write(CR_CONFIG.format(files=json.dumps(files), python=sys.executable, tests=tests))
     db = os.path.join(work, "session.sqlite.tmp")   # renamed once filtered: a session is whole or absent
     subprocess.run([cosmic_ray_command(), "init", "cosmic-ray.toml", db], cwd=src, check=True)
-    skipped = {name: raise_lines(os.path.join(src, name)) for name in KERNEL_FILES}
+    skipped = {name: raise_lines(os.path.join(src, name)) for name in files}
     numbers = set()   # NumberReplacer makes n + 1 and n - 1 at one place: n + 1 alone is kept, as mutmut does
     with use_db(db, WorkDB.Mode.open) as session:
         for item in list(session.pending_work_items):
@@ -252,10 +240,12 @@ def kernels_run(work: str, src: str, minutes: float, jobs: int) -> None:
             shutil.copytree(src, f"{src}-{i}")
     folders = copies(work)[:jobs]
 
+    pristine = os.path.join(work, "pristine", "kernels")
+
     def restore():   # a run stopped mid-mutant may have left one on disk
         for folder in folders:
-            for name in KERNEL_FILES:
-                shutil.copy2(os.path.join(work, "pristine", name), os.path.join(folder, name))
+            for name in os.listdir(pristine):
+                shutil.copy2(os.path.join(pristine, name), os.path.join(folder, "kernels", name))
     restore()
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")   # a stale .pyc would hide a mutant
     config = "cosmic-ray.toml"
@@ -334,7 +324,7 @@ def kernels_retest(work: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", choices=["diffgap", "kernels"], default="diffgap",
-                   help="diffgap.py's sections 1-4 (mutmut) or kernels/ (cosmic-ray); default diffgap")
+                   help="diffgap.py (mutmut) or kernels/ (cosmic-ray); default diffgap")
     p.add_argument("--work", help="folder for the copy and the results (default: diffgap-mutation or "
                                   "diffgap-mutation-kernels in the temporary folder)")
     p.add_argument("--minutes", type=float, default=10.0, help="stop after this long (default 10); rerun to go on")
@@ -361,6 +351,8 @@ def main() -> int:
     if args.fresh and os.path.exists(work):
         shutil.rmtree(work)
     copy_checkout(src)   # the checkout as it is now: mutmut tests again the functions that changed
+    with open(os.path.join(src, "setup.cfg"), "w") as f:
+        f.write(SETUP_CFG.format(tests="\n".join("    " + t for t in TESTS)))
     if args.retest:   # their verdicts forgotten, the survivors are tested again like new ones, resumably
         meta = os.path.join(src, "mutants", "diffgap.py.meta")
         record = json.load(open(meta))
