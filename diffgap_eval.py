@@ -1,16 +1,8 @@
-"""Evaluation around diffgap.py: what train.py, sample.py, the benchmarks and the tests share.
-
-diffgap.py holds the paper; this module holds what the commands add around it, in the order a
-split is scored:
-
-    1. retrieval and generation metrics (R@k, median rank, mAP@10; Frechet distance, paired cosine)
-    2. retrieval scores: contrastive, diffgap, two-way and their blends, each one inner product;
-       bootstrap intervals; the choice on validation (choose_score, choice_reason)
-    3. the translation cache: every row of a split translated both ways, kept beside the checkpoint
-    4. tables and the gallery export (sample.py --export-gallery)
-    5. checkpoints: plain dicts of tensors, written atomically and durably, checked when read
-    6. small command-line helpers: one `error:` line and exit status 2 for bad input
-
+"""What train.py, sample.py, the benchmarks and the tests add around diffgap.py (the paper), in
+the order a split is scored: 1. metrics (R@k, median rank, mAP@10; Frechet distance, paired
+cosine), 2. retrieval scores (contrastive, diffgap, two-way, blends; each one inner product) and
+their choice on validation, 3. the translation cache, 4. tables and the gallery export,
+5. checkpoints, 6. command-line helpers (one `error:` line and exit status 2 for bad input).
 Direction 0 is "B->A" (queries from B rank the audio gallery), 1 is "A->B", as in diffgap.py.
 """
 from __future__ import annotations
@@ -45,12 +37,9 @@ DIRECTION_CHOICES = ("both", "b2a", "a2b")    # --direction: both ways, B->A (0)
 DIRECTIONS = {d: DIRECTION_CHOICES[1 + d].upper().replace("2", "->") for d in (0, 1)}   # tables: B->A, A->B
 PAIRS = ("audio-video", "audio-text")
 
-# Classifier-free guidance scale for the samples whose mean ranks the gallery: the best of 1-16
-# on the validation split of synthetic seed 0, confirmed on held-out seeds 3 and 4 (results/README.md).
-# Generation keeps guidance 1.
+# Guidance of the samples whose mean ranks the gallery (generation keeps 1), and of two-way's
+# gallery side: the best of 1-16 on validation, confirmed on held-out seeds (results/README.md).
 RANK_GUIDANCE = 16.0
-# The two-way score's gallery side ranks best with milder guidance: 8 was the best of 1-16 in all
-# four pair-direction cells of the default checkpoints' validation split, and on a held-out seed.
 GALLERY_GUIDANCE = 8.0
 # The default run's length floor: 30 epochs of 250 pairs are 120 steps, after which the learned
 # scores lose to contrastive by 30 points.
@@ -141,15 +130,12 @@ def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10
 @torch.no_grad()
 def retrieval_metrics_from_embeddings(queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
                                       ks=(1, 5, 10), chunk: int = 8192, return_ranks: bool = False):
-    """retrieval_metrics(cosine_scores(queries, gallery), relevant) without the (Q, G) score matrix.
-
-    queries (Q, D), gallery (G, D), relevant (Q,) int or (Q, G) bool as in retrieval_metrics.
-    return_ranks: also return each query's 1-based rank of its best correct item, (Q,) int. The
-    top 10 of each query comes from kernels.cosine_topk (the Triton kernel on CUDA, its chunked
-    torch path elsewhere; ties to the lower index), and R@k (k <= 10) and mAP@10 from that one
-    list; a query with no correct item in it is ranked past 10 by counting, over gallery chunks,
-    the items that beat its best correct item. Raises ValueError naming a non-finite row.
-    """
+    """retrieval_metrics(cosine_scores(queries, gallery), relevant) without the (Q, G) score matrix:
+    queries (Q, D), gallery (G, D), relevant as there; return_ranks also returns each query's
+    1-based rank of its best correct item, (Q,) int. The top 10 comes from kernels.cosine_topk
+    (Triton on CUDA, chunked torch elsewhere; ties to the lower index) and gives R@k (k <= 10)
+    and mAP@10; a query without a correct item in it is ranked past 10 by counting, over gallery
+    chunks, the items that beat its best correct item. A non-finite row is a ValueError."""
     Q, G = queries.shape[0], gallery.shape[0]
     relevant = _relevance(relevant, Q, G)
     check_finite(queries, "query")
@@ -291,11 +277,9 @@ def score_retrieval(queries: torch.Tensor, gallery: torch.Tensor, relevant: torc
 
     queries (Q, D_q), gallery (G, D_g), relevant as in retrieval_metrics; g_hat_q (Q, D_g) the
     queries translated, q_hat_g (G, D_q) the gallery translated the other way (None: no two-way).
-    Each metrics dict also holds "R@1 lo"/"R@1 hi", a 95% bootstrap interval over queries, and
-    "gain", "gain lo"/"gain hi", the R@1 gain over contrastive with its paired interval, and
-    "gain lo adjusted", the lower end of that interval at the level that keeps the chance of any
-    of the m learned candidates looking better by luck at 5% (1 - 0.05 / m, Bonferroni), which
-    choose_score uses.
+    Each dict also holds "R@1 lo"/"R@1 hi" (95% bootstrap interval over queries), "gain" over
+    contrastive with its paired interval "gain lo"/"gain hi", and "gain lo adjusted": that lower
+    end at level 1 - 0.05 / m for the m learned candidates (Bonferroni), which choose_score uses.
     """
     for x, what in ((queries, "query"), (gallery, "gallery"), (g_hat_q, "query translation"),
                     (q_hat_g, "gallery translation")):
@@ -328,12 +312,10 @@ def query_vectors(model: DiffGAP, queries: torch.Tensor, direction: int, score: 
 def choose_score(val_results: dict[str, dict]) -> str:
     """The score to rank new data by, from score_retrieval's results on the validation split.
 
-    A learned score replaces contrastive only when its R@1 gain over contrastive is beyond
-    noise: the lower end of its paired bootstrap interval, adjusted for the number of
-    candidates ("gain lo adjusted"), is above zero. Among those, and contrastive, the best
-    validation R@1 wins, the simpler on a tie (score_names' order). The plain maximum would
-    pick a winner of noise on a small validation split. Without contrastive among the results
-    (unequal dims) the best R@1 wins.
+    A learned score replaces contrastive only when its gain is beyond noise ("gain lo adjusted"
+    > 0: the plain maximum would pick a winner of noise on a small split); among those and
+    contrastive the best R@1 wins, the simpler on a tie (score_names' order). Without
+    contrastive (unequal dims) the best R@1 wins.
     """
     if "contrastive" in val_results:
         val_results = {name: m for name, m in val_results.items()
@@ -361,84 +343,64 @@ def choice_reason(val_results: dict[str, dict], chosen: str) -> str:
 # 3. The translation cache ---------------------------------------------------------------------
 
 def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, sampler: str = "ddim",
-                    eta: float = 0.0, guidance: float = 1.0, seed: int = 0,
-                    gallery_guidance: float | None = None) -> dict[str, torch.Tensor]:
-    """{"b2a": (N_b, D_A), "a2b": (N_a, D_B)}: every row of a split translated into the other
-    modality (the mean of num_samples samples, DiffGAP.translate), on the CPU. Each direction
-    draws from its own generator seeded by (seed, direction). With a gallery_guidance other than
-    guidance, also "b2a_gallery" and "a2b_gallery": the same rows translated with that guidance,
-    for the gallery side of the two-way scores (split_scores)."""
+                    eta: float = 0.0, guidance: float = 1.0, seed: int = 0, gallery_guidance: float | None = None,
+                    ckpt: str | None = None, name: str = "split", say=None) -> dict[str, torch.Tensor]:
+    """{"b2a": (N_b, D_A), "a2b": (N_a, D_B)}: every row of a split translated into the other modality
+    (DiffGAP.translate) on the CPU, each direction from a generator seeded by (seed, direction); with
+    a gallery_guidance other than guidance also "b2a_gallery", "a2b_gallery" at that guidance, for
+    two-way's gallery side. With ckpt (its path) they are cached as CKPT_STEM.<name>-translations.npz,
+    reused while what produces them is unchanged: the checkpoint, the split, these settings and the
+    sampling code (diffgap.py, this file, kernels/). say: where progress lines go (None: nowhere)."""
+    say = say or (lambda line: None)
+    a, b = (x[:] if isinstance(x, embed_cache.Rows) else x for x in (split.a, split.b))   # a memmap read once
     device = next(model.parameters()).device
-    rows = {name: (x[:] if isinstance(x, embed_cache.Rows) else x).to(device)   # read once, used at every scale
-            for name, x in zip(DIRECTION_CHOICES[1:], (split.b, split.a))}
     scales = {"": guidance} if gallery_guidance in (None, guidance) else {"": guidance, "_gallery": gallery_guidance}
-    out = {}
+    shapes = {n + s: shape for n, shape in zip(DIRECTION_CHOICES[1:], ((len(b), a.shape[1]), (len(a), b.shape[1])))
+              for s in scales}
+    if ckpt is not None:
+        digest = hashlib.blake2b(repr([num_samples, steps, sampler, eta, scales, seed, device.type, dg.KERNELS]).encode(),
+                                 digest_size=16)
+        kernel_files = glob.glob(os.path.join(os.path.dirname(sys.modules[cosine_topk.__module__].__file__), "*.py"))
+        for path in [ckpt, dg.__file__, __file__] + sorted(kernel_files):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        for x in (a, b, split.b_to_a):
+            digest.update(x.contiguous().numpy().tobytes())
+        key, path = digest.hexdigest(), os.path.splitext(ckpt)[0] + f".{name}-translations.npz"
+        try:
+            with np.load(path) as z:
+                if str(z["key"]) == key and all(z[k].shape == shape for k, shape in shapes.items()):
+                    say(f"{name} translations: reused {path}")
+                    return {k: torch.from_numpy(z[k]) for k in shapes}
+        except FileNotFoundError:
+            pass
+        except Exception as e:   # unreadable or from an older layout: rebuild it
+            say(f"{name} translations: {path} is unreadable ({type(e).__name__}), rebuilding")
+    samples = num_samples * (len(a) + len(b)) * len(scales)
+    again = f" and again at {gallery_guidance:g} for two-way galleries" if len(scales) > 1 else ""
+    say(f"{name} translations: building (K={num_samples} samples for each of {len(a) + len(b)} rows, {steps} "
+        f"{sampler} steps, guidance {guidance:g}{again}: {samples:,} samples)" + (", once per checkpoint and split" if ckpt else ""))
+    t0, out, rows = time.perf_counter(), {}, [x.to(device) for x in (b, a)]
     for suffix, scale in scales.items():
-        for direction, (name, x) in enumerate(rows.items()):
+        for direction, x in enumerate(rows):
             g = torch.Generator(device=device).manual_seed(dg.derived_seed(seed, "translate", direction))
-            out[name + suffix] = model.translate(x, direction, num_samples, steps=steps, sampler=sampler, eta=eta,
-                                                 guidance=scale, generator=g).cpu()
-    return out
-
-
-def split_translations(model: dg.DiffGAP, split, split_name: str, ckpt_path: str, num_samples: int, steps: int = 5,
-                       sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0, seed: int = 0,
-                       gallery_guidance: float | None = None, say=print) -> dict[str, torch.Tensor]:
-    """translate_split's dict for a split, cached beside the checkpoint as CKPT_STEM.<split>-translations.npz.
-
-    The cache is reused while what produces it is unchanged: the checkpoint's bytes, the split's
-    embeddings, these settings, and the code that samples (diffgap.py, this file, kernels/); a
-    cached and a rebuilt translation are the same numbers.
-    """
-    a, b = (x[:] if isinstance(x, embed_cache.Rows) else x for x in (split.a, split.b))
-    device = next(model.parameters()).device
-    gallery_guidance = None if gallery_guidance == guidance else gallery_guidance
-    settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=guidance, seed=seed,
-                    gallery_guidance=gallery_guidance, device=device.type, kernels=dg.KERNELS)
-    digest = hashlib.blake2b(repr(sorted(settings.items())).encode(), digest_size=16)
-    code = [dg.__file__, __file__] + sorted(glob.glob(os.path.join(os.path.dirname(sys.modules[cosine_topk.__module__]
-                                                                                   .__file__), "*.py")))
-    for path in [ckpt_path] + code:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    for x in (a, b, split.b_to_a):
-        digest.update(x.contiguous().numpy().tobytes())
-    key, path = digest.hexdigest(), os.path.splitext(ckpt_path)[0] + f".{split_name}-translations.npz"
-    suffixes = ("",) if gallery_guidance is None else ("", "_gallery")
-    shapes = {name + suffix: shape for name, shape in zip(DIRECTION_CHOICES[1:], ((len(b), a.shape[1]), (len(a), b.shape[1])))
-              for suffix in suffixes}
-    try:
-        with np.load(path) as z:
-            if str(z["key"]) == key and all(z[name].shape == shape for name, shape in shapes.items()):
-                say(f"{split_name} translations: reused {path}")
-                return {name: torch.from_numpy(z[name]) for name in shapes}
-    except FileNotFoundError:
-        pass
-    except Exception as e:   # unreadable or from an older layout: rebuild it
-        say(f"{split_name} translations: {path} is unreadable ({type(e).__name__}), rebuilding")
-    samples = num_samples * (len(a) + len(b)) * len(suffixes)
-    again = "" if gallery_guidance is None else f" and again at {gallery_guidance:g} for two-way galleries"
-    say(f"{split_name} translations: building (K={num_samples} samples for each of {len(a) + len(b)} rows, {steps} "
-        f"{sampler} steps, guidance {guidance:g}{again}: {samples:,} samples), once per checkpoint and split")
-    t0 = time.perf_counter()
-    out = translate_split(model, embed_cache.Split(a=a, b=b, b_to_a=split.b_to_a), num_samples, steps, sampler, eta,
-                          guidance, seed, gallery_guidance)   # the rows already read, not read again from a memmap
+            out[DIRECTION_CHOICES[1 + direction] + suffix] = model.translate(
+                x, direction, num_samples, steps=steps, sampler=sampler, eta=eta, guidance=scale, generator=g).cpu()
     secs = time.perf_counter() - t0
-    atomic_write(path, lambda f: np.savez(f, key=np.array(key), **{k: v.numpy() for k, v in out.items()}))
-    say(f"{split_name} translations: built in {secs:.1f} s ({samples / secs:,.0f} samples/s), saved to {path}")
+    if ckpt is not None:
+        atomic_write(path, lambda f: np.savez(f, key=np.array(key), **{k: v.numpy() for k, v in out.items()}))
+    say(f"{name} translations: built in {secs:.1f} s ({samples / secs:,.0f} samples/s)" + (f", saved to {path}" if ckpt else ""))
     return out
 
 
 def gallery_translations(translations: dict, direction: int) -> torch.Tensor:
-    """The gallery side of a direction's two-way scores from split_translations' output: the
-    gallery translated the other way, at the gallery guidance when that was built apart."""
-    name = DIRECTION_CHOICES[2 - direction]   # the other direction's
-    return translations.get(name + "_gallery", translations[name])
+    """Two-way's gallery side: the gallery translated the other way, at its own guidance when built apart."""
+    other = DIRECTION_CHOICES[2 - direction]
+    return translations.get(other + "_gallery", translations[other])
 
 
 def split_scores(split, direction: int, translations: dict, scores=None) -> dict[str, dict]:
-    """score_retrieval for one direction of a split, from split_translations' output."""
+    """score_retrieval for one direction of a split, from translate_split's output."""
     q, gal, rel = split.retrieval(direction)
     return score_retrieval(q, gal, rel, translations[DIRECTION_CHOICES[1 + direction]],
                            gallery_translations(translations, direction), scores)
@@ -526,14 +488,10 @@ def save_checkpoint(path: str, model: DiffGAP, **extra) -> None:
 
 
 def load_checkpoint(path: str, map_location="cpu", needs: tuple[str, ...] = ()) -> tuple[DiffGAP, dict]:
-    """Rebuild the model from a checkpoint: (model, the checkpoint's dict).
-
-    The config is checked (DiffGAPConfig refuses what cannot train), "step" and "optimizer" and
-    every RUN_ENTRIES value in "run" that is present too; those named in `needs` ("step",
-    "optimizer" or a run entry) must be present. A checkpoint of the earlier layout (run settings
-    at the top level) is read as this one. Raises FileNotFoundError if there is no file, else
-    ValueError naming the file: unreadable, a config that cannot train, weights that do not fit
-    it, an entry missing or wrong, or a weight that is not finite."""
+    """(model, the checkpoint's dict), every entry checked: the config (DiffGAPConfig), "step",
+    "optimizer" and the RUN_ENTRIES of "run" where present; those in `needs` must be present.
+    The earlier layout (run settings at the top level) reads as this one. FileNotFoundError if
+    there is no file, else ValueError naming the file and what is wrong."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
     unusable = lambda why: ValueError(f"{path}: not a usable diffgap checkpoint ({why})")

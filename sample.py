@@ -5,13 +5,10 @@
     python sample.py --export-gallery index/                    # gallery vectors of the chosen score
     python sample.py --direction b2a --cond video.npy --out audio_hat.npy
 
-Evaluation prints, for each direction on the test split, R@1/5/10 of every score (diffgap_eval.py:
-contrastive, diffgap, two-way and their blends with contrastive), each R@1 with a 95% interval,
-and marks with * the score chosen on the validation split (--score auto): the reader sees its
-test figure beside every candidate's. Then the Frechet distance and mean paired cosine of the
-generated embeddings (one sample per query). Every row of a split is translated once (K samples
-averaged, with guidance 16 for queries and 8 for two-way's gallery side) and cached beside the
-checkpoint; a second run reuses it. EMA weights are used.
+Evaluation prints, for each direction of the test split, R@k of every score (contrastive,
+diffgap, two-way, blends) with 95% intervals, * marking the score chosen on validation, then the
+Frechet distance and paired cosine of generated embeddings. Each split is translated once per
+checkpoint (cached beside it). EMA weights are used.
 """
 from __future__ import annotations
 
@@ -53,8 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="FILE.npy to write the generated embeddings to")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU needs TRITON_INTERPRET=1 in the "
-                        "environment (Triton's interpreter: slow, for debugging)")
+                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU needs TRITON_INTERPRET=1")
     p.add_argument("--seed", type=number(int, 0), default=0)
     return p.parse_args(argv)
 
@@ -80,7 +76,7 @@ def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:
         raise ValueError(f"{args.cond}: condition dim {cond.shape[1]}, but the checkpoint expects {want}")
     g = torch.Generator(device=device).manual_seed(args.seed)
     kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance, generator=g)
-    out = model.sample_many(cond.to(device), direction, args.num_samples, **kw).mean(0)
+    out = model.translate(cond.to(device), direction, args.num_samples, **kw)
     ev.save_npy(args.out, torch.nn.functional.normalize(out, dim=-1))
     print(f"wrote {args.out}: {tuple(out.shape)} unit-norm embeddings "
           f"(mean of {args.num_samples} samples, {args.steps} {args.sampler} steps)")
@@ -113,7 +109,7 @@ def main(argv=None) -> int:
     kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=rank_g, seed=args.seed,
               gallery_guidance=gallery_g)
     needed = [args.split] + (["val"] if args.score == "auto" and args.split != "val" else [])
-    translations = {name: ev.split_translations(model, data.splits[name], name, path, args.num_samples, **kw)
+    translations = {name: ev.translate_split(model, data.splits[name], args.num_samples, ckpt=path, name=name, say=print, **kw)
                     for name in needed}
     split = data.splits[args.split]
     results, chosen, reasons, quality = {}, {}, {}, []

@@ -6,14 +6,12 @@
     python train.py --pair audio-video --resume        # continue runs/audio-video/ckpt.pt
     torchrun --standalone --nproc_per_node 2 train.py --pair audio-video   # data parallel, same result
 
-The first lines say how many steps it will run and why: 30 epochs (the paper's), or more on a
-small set, so that a run has at least --min-steps (3,000) steps. Writes runs/<pair>/ckpt.pt
-(atomically, fsynced) at every epoch end, every --save-every-min minutes, at the end, and on
-Ctrl-C or SIGTERM; then translates the validation split (cached beside the checkpoint for
-sample.py) and prints contrastive, diffgap and two-way retrieval on it, marking the score
-`sample.py --score auto` will use. A run killed at any moment (kill -9 included) and continued
-with --resume ends bit-identical to one never stopped: the batch order, timesteps, noise and
-dropout of every step derive from (--seed, step), and the checkpoint holds the rest.
+It trains 30 epochs (the paper's), or more on a small set so that a run has at least
+--min-steps steps, and says so. It writes runs/<pair>/ckpt.pt atomically at every epoch end,
+every --save-every-min minutes, at the end and on Ctrl-C or SIGTERM, then prints retrieval on
+the validation split, marking the score `sample.py --score auto` will use. A run killed at any
+moment (kill -9 included) and continued with --resume ends bit-identical to one never stopped:
+every step's batch, timesteps, noise and dropout derive from (--seed, step).
 """
 from __future__ import annotations
 
@@ -42,15 +40,12 @@ MODEL_OPTIONS = ("objective", "schedule", "p_uncond", "ema_decay", "switch_every
 def parse_args(argv=None):
     p = ArgParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=ev.PAIRS, default="audio-video")
-    p.add_argument("--data",
-                   help="data spec: synthetic[:seed=N], A.npy,B.npy, pairs.npz, clap:..., cavp:..., arrays:..., "
-                        "dirs:... or spec.json (README: Your own embeddings); default synthetic")
+    p.add_argument("--data", help="data spec (README: Your own embeddings); default synthetic")
     p.add_argument("--epochs", type=number(int, 1),
                    help="passes over the training pairs (default: 30, the paper's, or as many as --min-steps needs; "
                         "on --resume, the checkpoint's)")
     p.add_argument("--min-steps", type=number(int, 1), default=ev.MIN_STEPS,
-                   help=f"without --epochs, train at least this many steps (default {ev.MIN_STEPS}): 30 epochs of a "
-                        f"small set are too few steps to learn anything")
+                   help=f"without --epochs, train at least this many steps (default {ev.MIN_STEPS})")
     p.add_argument("--batch-size", type=number(int, 1), help="default 64 (the paper's)")
     p.add_argument("--lr", type=number(float, 0, lo_open=True),
                    help="Adam learning rate, default 1e-3 (paper: 2e-4 over ~94k steps)")
@@ -59,8 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--objective", choices=("eps", "x0", "v"), help="default v")
     p.add_argument("--schedule", choices=("cosine", "linear"), help="default cosine")
     p.add_argument("--p-uncond", type=number(float, 0, 1, hi_open=True),
-                   help="condition dropout in [0, 1), which enables classifier-free guidance; default 0.1 "
-                        "(0: paper-faithful, no guidance)")
+                   help="condition dropout, for classifier-free guidance; default 0.1 (0: the paper's, no guidance)")
     p.add_argument("--rank-guidance", type=number(float), default=ev.RANK_GUIDANCE,
                    help="guidance scale of the samples averaged for the learned retrieval scores")
     p.add_argument("--gallery-guidance", type=number(float), default=ev.GALLERY_GUIDANCE,
@@ -77,8 +71,7 @@ def parse_args(argv=None):
                    help="also save a checkpoint every M minutes of training (default 10), besides epoch ends")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU needs TRITON_INTERPRET=1 in the "
-                        "environment (Triton's interpreter: slow, for debugging)")
+                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU needs TRITON_INTERPRET=1")
     p.add_argument("--seed", type=number(int, 0), help="default 0; decides the initial weights, batch order and noise")
     p.add_argument("--loss-log", metavar="FILE",
                    help="write 'step loss' for every step to FILE (rank 0's slice under torchrun; appended on --resume)")
@@ -114,17 +107,14 @@ def training_length(args, per_epoch: int) -> tuple[int, str]:
 
 
 def some_parameters_idle(config: dg.DiffGAPConfig) -> bool:
-    """Whether some training steps leave parameters out of the loss, which DistributedDataParallel
-    must be told (find_unused_parameters, a graph walk per step): with unequal dims each direction
-    uses its own adapters, and without condition dropout (p_uncond = 0) the null condition is
-    never used. Everything else uses every parameter at every step (tests/test_distributed.py
-    checks this rule against real gradients)."""
+    """Whether some steps leave parameters out of the loss, which DistributedDataParallel must be
+    told (find_unused_parameters costs a graph walk per step): with unequal dims each direction
+    has its own adapters; with p_uncond = 0 the null condition is never used."""
     return config.dim_a != config.dim_b or config.p_uncond == 0
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device): torch.distributed under torchrun (WORLD_SIZE > 1), else (0, 1, device);
-    gloo on the CPU, nccl on CUDA (one GPU per process, LOCAL_RANK)."""
+    """(rank, world_size, device) under torchrun (gloo on the CPU, nccl on CUDA), else (0, 1, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -269,9 +259,9 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     model.eval()
     val, guidance = data.splits["val"], ev.rank_guidance(model, args.rank_guidance)
     gallery_guidance = ev.rank_guidance(model, args.gallery_guidance)
-    # sample.py reuses these translations (its defaults: K 16, 5 DDIM steps, sampling seed 0)
-    translations = ev.split_translations(model, val, "val", ckpt_path, args.num_samples, guidance=guidance,
-                                         gallery_guidance=gallery_guidance)
+    # cached for sample.py, whose defaults are these (K 16, 5 DDIM steps, sampling seed 0)
+    translations = ev.translate_split(model, val, args.num_samples, guidance=guidance, gallery_guidance=gallery_guidance,
+                                      ckpt=ckpt_path, name="val", say=print)
     results, chosen = {}, {}
     for d in (0, 1):
         every = ev.split_scores(val, d, translations)

@@ -11,7 +11,7 @@ import torch
 import diffgap as dg
 import diffgap_eval as ev
 import embed_cache
-from diffgap_eval import split_scores, split_translations
+from diffgap_eval import split_scores, translate_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "synthetic:n_train=256,n_val=20,n_test=40"
@@ -56,7 +56,7 @@ def test_the_trained_model_earns_the_score_auto_chooses_on_validation(spec, step
     ckpt = str(tmp_path / "ckpt.pt")
     ev.save_checkpoint(ckpt, model)
     val = data.splits["val"]
-    tr = split_translations(model, val, "val", ckpt, num_samples=4, guidance=16.0, say=lambda *a: None)
+    tr = translate_split(model, val, num_samples=4, guidance=16.0, ckpt=ckpt, name="val")
     for d in (0, 1):
         results = split_scores(val, d, tr)
         assert list(results) == ev.score_names()      # every candidate, contrastive first
@@ -84,7 +84,7 @@ def test_translations_are_rebuilt_when_the_checkpoint_code_or_file_changes(tmp_p
     ckpt = str(tmp_path / "ckpt.pt")
     ev.save_checkpoint(ckpt, model, step=4)
     said = []
-    build = lambda k=2: split_translations(model, data.splits["val"], "val", ckpt, num_samples=k, say=said.append)
+    build = lambda k=2: translate_split(model, data.splits["val"], num_samples=k, ckpt=ckpt, name="val", say=said.append)
     first = build()
     assert "building" in said[-1 - 1] and os.path.exists(tmp_path / "ckpt.val-translations.npz")
     assert first["b2a"].shape == (20, 512) and first["a2b"].shape == (20, 512)
@@ -112,8 +112,8 @@ def test_two_way_galleries_use_their_own_guidance(tmp_path):
     ckpt, val = str(tmp_path / "ckpt.pt"), data.splits["val"]
     ev.save_checkpoint(ckpt, model)
     said = []
-    build = lambda gg: split_translations(model, val, "val", ckpt, num_samples=2, guidance=16.0, gallery_guidance=gg,
-                                          say=said.append)
+    build = lambda gg: translate_split(model, val, num_samples=2, guidance=16.0, gallery_guidance=gg, ckpt=ckpt,
+                                       name="val", say=said.append)
     tr = build(8.0)
     assert sorted(tr) == ["a2b", "a2b_gallery", "b2a", "b2a_gallery"]
     assert "guidance 16 and again at 8 for two-way galleries: 160 samples)" in said[0]
