@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import math
 import os
@@ -344,52 +343,25 @@ def choice_reason(val_results: dict[str, dict], chosen: str) -> str:
 
 def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, sampler: str = "ddim",
                     eta: float = 0.0, guidance: float = 1.0, seed: int = 0, gallery_guidance: float | None = None,
-                    ckpt: str | None = None, name: str = "split", say=None) -> dict[str, torch.Tensor]:
+                    name: str = "split", say=None) -> dict[str, torch.Tensor]:
     """{"b2a": (N_b, D_A), "a2b": (N_a, D_B)}: every row of a split translated into the other modality
     (DiffGAP.translate) on the CPU, each direction from a generator seeded by (seed, direction); with
     a gallery_guidance other than guidance also "b2a_gallery", "a2b_gallery" at that guidance, for
-    two-way's gallery side. With ckpt (its path) they are cached as CKPT_STEM.<name>-translations.npz,
-    reused while what produces them is unchanged: the checkpoint, the split, these settings and the
-    sampling code (diffgap.py, this file, kernels/). say: where progress lines go (None: nowhere)."""
-    say = say or (lambda line: None)
+    two-way's gallery side. say(line) reports progress (None: silent)."""
     a, b = (x[:] if isinstance(x, embed_cache.Rows) else x for x in (split.a, split.b))   # a memmap read once
     device = next(model.parameters()).device
     scales = {"": guidance} if gallery_guidance in (None, guidance) else {"": guidance, "_gallery": gallery_guidance}
-    shapes = {n + s: shape for n, shape in zip(DIRECTION_CHOICES[1:], ((len(b), a.shape[1]), (len(a), b.shape[1])))
-              for s in scales}
-    if ckpt is not None:
-        digest = hashlib.blake2b(repr([num_samples, steps, sampler, eta, scales, seed, device.type, dg.KERNELS]).encode(),
-                                 digest_size=16)
-        kernel_files = glob.glob(os.path.join(os.path.dirname(sys.modules[cosine_topk.__module__].__file__), "*.py"))
-        for path in [ckpt, dg.__file__, __file__] + sorted(kernel_files):
-            with open(path, "rb") as f:
-                digest.update(f.read())
-        for x in (a, b, split.b_to_a):
-            digest.update(x.contiguous().numpy().tobytes())
-        key, path = digest.hexdigest(), os.path.splitext(ckpt)[0] + f".{name}-translations.npz"
-        try:
-            with np.load(path) as z:
-                if str(z["key"]) == key and all(z[k].shape == shape for k, shape in shapes.items()):
-                    say(f"{name} translations: reused {path}")
-                    return {k: torch.from_numpy(z[k]) for k in shapes}
-        except FileNotFoundError:
-            pass
-        except Exception as e:   # unreadable or from an older layout: rebuild it
-            say(f"{name} translations: {path} is unreadable ({type(e).__name__}), rebuilding")
     samples = num_samples * (len(a) + len(b)) * len(scales)
-    again = f" and again at {gallery_guidance:g} for two-way galleries" if len(scales) > 1 else ""
-    say(f"{name} translations: building (K={num_samples} samples for each of {len(a) + len(b)} rows, {steps} "
-        f"{sampler} steps, guidance {guidance:g}{again}: {samples:,} samples)" + (", once per checkpoint and split" if ckpt else ""))
     t0, out, rows = time.perf_counter(), {}, [x.to(device) for x in (b, a)]
     for suffix, scale in scales.items():
         for direction, x in enumerate(rows):
             g = torch.Generator(device=device).manual_seed(dg.derived_seed(seed, "translate", direction))
             out[DIRECTION_CHOICES[1 + direction] + suffix] = model.translate(
                 x, direction, num_samples, steps=steps, sampler=sampler, eta=eta, guidance=scale, generator=g).cpu()
-    secs = time.perf_counter() - t0
-    if ckpt is not None:
-        atomic_write(path, lambda f: np.savez(f, key=np.array(key), **{k: v.numpy() for k, v in out.items()}))
-    say(f"{name} translations: built in {secs:.1f} s ({samples / secs:,.0f} samples/s)" + (f", saved to {path}" if ckpt else ""))
+    if say:
+        again = f" and again at {gallery_guidance:g} for two-way galleries" if len(scales) > 1 else ""
+        say(f"{name} split translated in {time.perf_counter() - t0:.1f} s (K={num_samples} samples for each of "
+            f"{len(a) + len(b)} rows, {steps} {sampler} steps, guidance {guidance:g}{again}: {samples:,} samples)")
     return out
 
 

@@ -7,8 +7,7 @@
 
 Evaluation prints, for each direction of the test split, R@k of every score (contrastive,
 diffgap, two-way, blends) with 95% intervals, * marking the score chosen on validation, then the
-Frechet distance and paired cosine of generated embeddings. Each split is translated once per
-checkpoint (cached beside it). EMA weights are used.
+Frechet distance and paired cosine of generated embeddings. EMA weights are used.
 """
 from __future__ import annotations
 
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
     kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=rank_g, seed=args.seed,
               gallery_guidance=gallery_g)
     needed = [args.split] + (["val"] if args.score == "auto" and args.split != "val" else [])
-    translations = {name: ev.translate_split(model, data.splits[name], args.num_samples, ckpt=path, name=name, say=print, **kw)
+    translations = {name: ev.translate_split(model, data.splits[name], args.num_samples, name=name, say=print, **kw)
                     for name in needed}
     split = data.splits[args.split]
     results, chosen, reasons, quality = {}, {}, {}, []

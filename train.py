@@ -259,9 +259,8 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     model.eval()
     val, guidance = data.splits["val"], ev.rank_guidance(model, args.rank_guidance)
     gallery_guidance = ev.rank_guidance(model, args.gallery_guidance)
-    # cached for sample.py, whose defaults are these (K 16, 5 DDIM steps, sampling seed 0)
     translations = ev.translate_split(model, val, args.num_samples, guidance=guidance, gallery_guidance=gallery_guidance,
-                                      ckpt=ckpt_path, name="val", say=print)
+                                      name="validation", say=print)
     results, chosen = {}, {}
     for d in (0, 1):
         every = ev.split_scores(val, d, translations)

@@ -185,7 +185,7 @@ def test_a_diverging_run_reports_the_step_and_keeps_the_last_good_checkpoint(tmp
     assert f"left as saved at step {saved['step']}" in err
     assert ev.non_finite(saved["model"]) == ""                      # the checkpoint on disk is a good one
     model, _ = ev.load_checkpoint(str(ckpt))
-    assert not list(tmp_path.glob("audio-video/*translations*"))     # nothing computed from a diverged model
+    assert os.listdir(tmp_path / "audio-video") == ["ckpt.pt"]        # nothing computed from a diverged model
     # a checkpoint that holds non-finite weights is refused in one line, by every command
     saved["model"]["net.null_cond"][0] = float("nan")
     torch.save(saved, ckpt)
