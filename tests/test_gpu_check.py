@@ -76,6 +76,9 @@ def test_test_r_at_1_reads_sample_py_tables():
     assert gpu_check.test_r_at_1(SAMPLE_TABLE) == {
         "B->A": {"contrastive": 15.6, "diffgap": 4.7, "chosen": ("two-way-blend-0.5", 10.9)},
         "A->B": {"contrastive": 14.1, "diffgap": 6.2, "chosen": ("diffgap", 6.2)}}
+    no_val = ("B->A      contrastive             15.6 [7.8, 25.0]     45.3   56.2    25.8     7\n"   # --score NAME
+              "B->A      diffgap *                7.8 [1.6, 14.1]     21.9   37.5    13.7    15   -7.8 [-17.2, 1.6]\n")
+    assert gpu_check.test_r_at_1(no_val) == {"B->A": {"contrastive": 15.6, "diffgap": 7.8, "chosen": ("diffgap", 7.8)}}
 
 
 def test_loss_logs_compare_on_common_steps(tmp_path):
