@@ -1,7 +1,7 @@
 """What train.py, sample.py, the benchmarks and the tests add around diffgap.py (the paper), in
 the order a split is scored: 1. metrics (R@k, median rank, mAP@10; Frechet distance, paired
 cosine), 2. retrieval scores (contrastive, diffgap, two-way, blends; each one inner product) and
-their choice on validation, 3. the translation cache, 4. tables and the gallery export,
+their choice on validation, 3. split translation, 4. tables and the gallery export,
 5. checkpoints, 6. command-line helpers (one `error:` line and exit status 2 for bad input).
 Direction 0 is "B->A" (queries from B rank the audio gallery), 1 is "A->B", as in diffgap.py.
 """
@@ -223,18 +223,13 @@ def score_names(same_space: bool = True, weights=BLEND_WEIGHTS) -> list[str]:
 
 def parse_score(name: str) -> tuple[str, float]:
     """A score's name -> (learned score, lam): "blend-0.25" -> ("diffgap", 0.25), "contrastive" -> ("diffgap", 0)."""
-    if name == "contrastive":
-        return "diffgap", 0.0
-    for learned, prefix in (("two-way", "two-way-blend-"), ("diffgap", "blend-")):
-        if name == learned:
-            return learned, 1.0
-        if name.startswith(prefix):
-            try:
-                lam = float(name[len(prefix):])
-            except ValueError:
-                break
-            if 0 < lam < 1:
-                return learned, lam
+    fixed = {"contrastive": ("diffgap", 0.0), "diffgap": ("diffgap", 1.0), "two-way": ("two-way", 1.0)}
+    head, _, lam = name.rpartition("blend-")
+    try:
+        if name in fixed or (head in ("", "two-way-") and 0 < float(lam) < 1):
+            return fixed.get(name) or ("two-way" if head else "diffgap", float(lam))
+    except ValueError:   # not a number after "blend-"
+        pass
     raise ValueError(f"unknown score {name!r}: use contrastive, diffgap, two-way, blend-L or two-way-blend-L "
                      f"with 0 < L < 1")
 
@@ -303,7 +298,7 @@ def query_vectors(model: DiffGAP, queries: torch.Tensor, direction: int, score: 
                   **sample_kw) -> torch.Tensor:
     """The query side of `score` for new queries (Q, D_q) -> (Q, D'): their inner products with
     the gallery vectors sample.py --export-gallery writes rank like the score. The same settings
-    as the export (its index.json) give the same ranking; sample_kw as in sample()."""
+    as the export (its .index.json) give the same ranking; sample_kw as in sample()."""
     g_hat_q = model.translate(queries, direction, num_samples, **sample_kw) if parse_score(score)[1] > 0 else None
     return query_side(score, queries, g_hat_q)
 
@@ -410,30 +405,17 @@ def retrieval_table(results: dict, title: str, chosen: dict | None = None) -> st
 
 def export_gallery(folder: str, split, direction: int, score: str, translations: dict, info: dict) -> None:
     """DIR/<b2a|a2b>.gallery.npy (G, D') unit rows of the score's gallery side, .ids.txt one id per
-    row, and index.json: what a query needs to be scored against them (query_vectors)."""
+    row, and .index.json: what a query needs to be scored against them (query_vectors)."""
     _, gal, _ = split.retrieval(direction)
-    name = DIRECTION_CHOICES[1 + direction]
-    os.makedirs(folder, exist_ok=True)
-    save_npy(os.path.join(folder, f"{name}.gallery.npy"),
-             gallery_side(score, gal, gallery_translations(translations, direction)))
+    name = os.path.join(folder, DIRECTION_CHOICES[1 + direction])
+    save_npy(f"{name}.gallery.npy", gallery_side(score, gal, gallery_translations(translations, direction)))
     ids = (split.a_ids if direction == 0 else split.b_ids) or [str(i) for i in range(len(gal))]
-    atomic_write(os.path.join(folder, f"{name}.ids.txt"), lambda f: f.write("".join(f"{i}\n" for i in ids).encode()))
-    path = os.path.join(folder, "index.json")
-    entries = {}
-    if os.path.exists(path):   # the other direction's entry, from this or an earlier export
-        try:
-            with open(path) as f:
-                entries = json.load(f)
-        except ValueError:   # not JSON, or not text
-            entries = None
-        if not isinstance(entries, dict):
-            raise ValueError(f"{path}: not an index.json written by --export-gallery; move it away or export to "
-                             f"another folder")
-    entries[name] = dict(info, score=score, direction=direction, rows=len(gal),
-                         query=f"diffgap_eval.query_vectors(model, queries, {direction}, {score!r}, "
-                               f"num_samples={info['num_samples']}, steps={info['steps']}, guidance={info['guidance']:g})")
-    atomic_write(path, lambda f: f.write(json.dumps(entries, indent=1).encode()))
-    print(f"exported {name}: {len(gal)} gallery rows of the {score} score to {folder}/{name}.gallery.npy (+ ids, index.json)")
+    atomic_write(f"{name}.ids.txt", lambda f: f.write("".join(f"{i}\n" for i in ids).encode()))
+    entry = dict(info, score=score, direction=direction, rows=len(gal),
+                 query=f"diffgap_eval.query_vectors(model, queries, {direction}, {score!r}, "
+                       f"num_samples={info['num_samples']}, steps={info['steps']}, guidance={info['guidance']:g})")
+    atomic_write(f"{name}.index.json", lambda f: f.write(json.dumps(entry, indent=1).encode()))
+    print(f"exported {len(gal)} gallery rows of the {score} score to {name}.gallery.npy (+ .ids.txt, .index.json)")
 
 
 # 5. Checkpoints: {"config", "model", "step", "optimizer", "run"}, plain tensors and Python types -

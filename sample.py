@@ -41,7 +41,7 @@ def parse_args(argv=None):
                         "two-way or blend-0.5")
     p.add_argument("--export-gallery", metavar="DIR",
                    help="write the evaluated split's gallery vectors of the chosen score (unit rows, .npy), their "
-                        "ids and index.json, for any inner-product index; queries: diffgap_eval.query_vectors")
+                        "ids and settings (.index.json), for any inner-product index; queries: diffgap_eval.query_vectors")
     p.add_argument("--direction", choices=ev.DIRECTION_CHOICES, default="both")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--data", help="data spec to evaluate on (default: the one stored in the checkpoint)")

@@ -110,7 +110,7 @@ def test_score_names_parse_and_bad_names_are_refused():
     assert ev.parse_score("two-way-blend-0.3") == ("two-way", 0.3)
     assert ev.parse_score("blend-0.25") == ("diffgap", 0.25)
     assert ev.parse_score("contrastive") == ("diffgap", 0.0)
-    for bad in ("blend-1", "blend-0", "blend-x", "two-way-blend-", "cosine"):
+    for bad in ("blend-1", "blend-0", "blend-x", "two-way-blend-", "cosine", "xblend-0.5", "blend-nan", "two-way-0.5"):
         with pytest.raises(ValueError, match="unknown score"):
             ev.parse_score(bad)
 

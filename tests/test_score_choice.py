@@ -1,4 +1,4 @@
-"""The score chosen on validation (--score auto), the translation cache and the gallery export."""
+"""The score chosen on validation (--score auto), split translation and the gallery export."""
 import json
 import os
 import subprocess
@@ -105,7 +105,7 @@ def test_export_gallery_with_query_vectors_reproduces_the_chosen_score(tmp_path)
               cwd=tmp_path).stdout
     row = next(line for line in out.splitlines() if line.startswith("B->A      two-way-blend-0.3 *"))
     table_r1 = float(row.split()[3])            # direction, score, *, R@1 (no val column: not auto)
-    info = json.load(open(tmp_path / "idx" / "index.json"))["b2a"]
+    info = json.load(open(tmp_path / "idx" / "b2a.index.json"))
     assert info["score"] == "two-way-blend-0.3" and info["rows"] == 40
     gallery = torch.from_numpy(np.load(tmp_path / "idx" / "b2a.gallery.npy"))
     assert gallery.shape == (40, 1024) and torch.allclose(gallery.norm(dim=1), torch.ones(40), atol=1e-5)

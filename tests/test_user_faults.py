@@ -255,15 +255,6 @@ def test_a_score_chosen_on_noise_keeps_contrastive():
     assert "beyond noise" in ev.choice_reason(results, chosen)
 
 
-def test_a_damaged_index_json_is_one_line_naming_it(tmp_path):
-    from embed_cache import synthetic_dataset
-    split = synthetic_dataset("audio-video", n_train=64, n_val=8, n_test=8, dim=16, rank=4).splits["test"]
-    tr = {"b2a": split.a.clone(), "a2b": split.b.clone()}
-    (tmp_path / "index.json").write_bytes(b"\xff\xfe not json")
-    with pytest.raises(ValueError, match=r"index.json: not an index.json written by --export-gallery"):
-        ev.export_gallery(str(tmp_path), split, 0, "two-way", tr, {"num_samples": 2, "steps": 5, "guidance": 1.0})
-
-
 # -- a checkpoint is user input: every entry a command reads is checked, naming the file --------
 SPEC = "synthetic:dim=16,rank=4,classes=8,n_train=64,n_val=16,n_test=16"
 MISSING = object()
