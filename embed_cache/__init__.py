@@ -1,25 +1,22 @@
-"""Loaders of pre-extracted embeddings (README.md documents the formats). A data spec is "FORMAT:key=value,...",
-a JSON file {"format": ..., "key": value} or a path (pairs.npz, pairs.pt, audio.npy,video.npy); load() parses
-its options once, by OPTIONS, for the loader in LOADERS. Every error is one DataError line naming its cause."""
+"""Loaders of pre-extracted embeddings (README.md documents the formats). A data spec is "FORMAT:key=value,..."
+or a path (pairs.npz, pairs.pt, audio.npy,video.npy); load() parses its options once, by OPTIONS, for the
+loader in LOADERS. Every error is one DataError line naming its cause."""
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import fields
 
 from .arrays import load_arrays, load_clap
 from .base import DataError, Dataset, Rows, Split, number
 from .folders import load_cavp, load_dirs, parse_pool
-from .synthetic import PRESETS, SyntheticConfig, SyntheticSpace, make_config, synthetic_dataset
+from .synthetic import PRESETS, SyntheticConfig, SyntheticSpace, synthetic_dataset
 
 
 def _load_synthetic(opts: dict, pair: str, spec: str) -> Dataset:
-    try:
-        make_config(**opts)   # an unknown preset, a layout that does not fit: before anything is drawn
+    try:   # an unknown preset, a layout that does not fit: make_config refuses it before anything is drawn
+        return synthetic_dataset(pair, **opts)
     except ValueError as e:
         raise DataError(f"{spec}: {e}") from None
-    return synthetic_dataset(pair, **opts)
 
 
 LOADERS = {"synthetic": _load_synthetic, "arrays": load_arrays, "clap": load_clap, "cavp": load_cavp,
@@ -72,24 +69,9 @@ def parse_options(name: str, opts: dict, spec: str) -> dict:
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
-    """(format name, options as text) from a spec string, a JSON spec file, or a path shortcut."""
-    if spec.endswith(".json") and os.path.isfile(spec):
-        try:
-            with open(spec, encoding="utf-8") as f:
-                obj = json.load(f)
-        except (OSError, ValueError) as e:   # ValueError: bad JSON, bytes that are not UTF-8
-            raise DataError(f"{spec}: not a JSON data spec {{\"format\": ..., ...}} ({type(e).__name__})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("format"), str) or obj["format"] not in LOADERS:
-            found = (f"a JSON {type(obj).__name__}" if not isinstance(obj, dict) else
-                     f"format {obj['format']!r}" if "format" in obj else "no \"format\" key")
-            raise DataError(f"{spec}: a JSON data spec is an object {{\"format\": one of {', '.join(LOADERS)}, "
-                            f"\"key\": value, ...}}; found {found}")
-        nested = [k for k, v in obj.items() if isinstance(v, (dict, list))]
-        if nested:
-            raise DataError(f"{spec}: key {nested[0]!r} holds a {type(obj[nested[0]]).__name__}; values are strings or numbers")
-        return obj.pop("format"), {str(k): str(v) for k, v in obj.items()}
-    name, sep, rest = spec.partition(":")
-    if sep and name in LOADERS:
+    """(format name, options as text) from a spec string or a path shortcut."""
+    name, _, rest = spec.partition(":")
+    if name in LOADERS:   # also a bare name: "synthetic"
         opts = {}
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
@@ -97,15 +79,13 @@ def parse_spec(spec: str) -> tuple[str, dict]:
                 raise DataError(f"{spec}: option {item!r} is not key=value")
             opts[key.strip()] = value.strip()
         return name, opts
-    if spec in LOADERS:
-        return spec, {}
     if "," in spec:  # two .npy files paired row for row
         a, b = (p.strip() for p in spec.split(",", 1))
         return "arrays", {"a": a, "b": b}
     if spec.endswith((".npz", ".pt")):
         return "arrays", {"file": spec}
     raise DataError(f"{spec}: not a data spec; use one of {', '.join(LOADERS)} (FORMAT:key=value,...), "
-                    f"a .npz / .pt file, A.npy,B.npy, or a .json spec")
+                    f"a .npz / .pt file or A.npy,B.npy")
 
 
 def load(spec: str, pair: str) -> Dataset:

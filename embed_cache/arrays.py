@@ -36,7 +36,6 @@ class Source:
 
 
 # -- reading files ----------------------------------------------------------------------------
-
 def file_kind(path: str) -> str:
     """'npy', 'npz' or 'pt' from the first bytes (torch.save: a zip holding <name>/data.pkl; np.savez: a
     zip of .npy members), as a name can mislead; a plain pickle is refused unread: it could run code."""
@@ -61,9 +60,8 @@ def file_kind(path: str) -> str:
 
 
 def load_torch_file(path: str):
-    """What torch.save wrote, read without running code: tensors, containers and numpy arrays of numbers
-    or strings (allowed for this call only: numpy's array rebuilders, under numpy 1.x's or 2.x's name,
-    and the dtypes of numbers, booleans and strings; an object array could carry any object)."""
+    """What torch.save wrote, read without running code: tensors, containers and numpy arrays of numbers, booleans
+    or strings (their rebuilders, under numpy 1.x's or 2.x's name, allowed for this call only; not object arrays)."""
     def load(allow):
         with warnings.catch_warnings():   # torch's warnings would add lines to the one-line error
             warnings.simplefilter("ignore")
@@ -93,19 +91,6 @@ def load_torch_file(path: str):
         raise DataError(f"{path}: cannot read ({reason(e)})") from None
 
 
-def _pt_value(path: str, key: str, value, needed: bool) -> Optional[np.ndarray]:
-    """One value of a .pt dict as a numpy array; None for one that is no array and not asked for."""
-    try:
-        if torch.is_tensor(value):
-            value = value.detach().cpu()
-            return (value.float() if value.dtype == torch.bfloat16 else value).numpy()   # numpy has no bfloat16
-        return np.asarray(value)
-    except Exception as e:   # a ragged list, a tensor subclass numpy cannot view
-        if needed:
-            raise DataError(f"{path}: {key!r} is not an array ({reason(e)})") from None
-        return None
-
-
 def read_array(path: str, key: Optional[str] = None) -> np.ndarray:
     """A .npy file's array (memory-mapped when large), or the array `key` of a .npz / .pt file."""
     return read_named(path, [key])[key] if key else read_named(path)[None]
@@ -124,7 +109,14 @@ def read_named(path: str, keys: Optional[list[str]] = None, optional: tuple = ()
             found = load_torch_file(path)
             if not isinstance(found, dict):
                 raise DataError(f"{path}: expected a dict of arrays, found {type(found).__name__}")
-            found = {str(k): _pt_value(path, str(k), v, str(k) in (keys or ())) for k, v in found.items()}
+            found = {str(k): v.detach().cpu() if torch.is_tensor(v) else v for k, v in found.items()}
+            for k, v in found.items():   # as numpy arrays (none has bfloat16); None: no array, and not asked for
+                try:   # a ragged list, a tensor subclass numpy cannot view: no array
+                    found[k] = np.asarray(v.float() if torch.is_tensor(v) and v.dtype == torch.bfloat16 else v)
+                except Exception as e:
+                    if k in (keys or ()):
+                        raise DataError(f"{path}: {k!r} is not an array ({reason(e)})") from None
+                    found[k] = None
         else:
             with np.load(path, allow_pickle=False) as z:
                 found = {k: (z[k] if k in (keys or ()) or k in optional else None) for k in z.files}
@@ -170,7 +162,7 @@ def read_ids(path: str, column: Optional[str] = None) -> tuple[list[str], dict[s
                 cols = _json_columns(path, json.load(f))
             else:
                 cols = {"id": [line.strip() for line in f if line.strip()]}
-    except (OSError, ValueError, csv.Error) as e:   # ValueError: bad JSON, bytes that are not UTF-8
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:   # not DataError, a ValueError too
         raise DataError(f"{path}: cannot read ids ({reason(e)})") from None
     if not cols or not next(iter(cols.values())):
         raise DataError(f"{path}: no ids")
@@ -218,7 +210,6 @@ def _json_columns(path: str, obj) -> dict[str, list[str]]:
 
 
 # -- checks, in chunks -------------------------------------------------------------------------
-
 def check_source(src: Source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Check dtype and shape -> (bad rows: NaN, Inf, all zeros; norms of the good rows; (N, 2) digests:
     two hashes of each row's bytes, equal for identical rows, for different ones with p ~ 2**-126)."""
@@ -265,7 +256,6 @@ def check_embeddings(x: np.ndarray, where: str) -> torch.Tensor:
 
 
 # -- pairing and splitting ----------------------------------------------------------------------
-
 def id_hash(item_id: str) -> int:
     """A stable 64-bit hash of an id (Python's hash() of a str changes with every process)."""
     return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
@@ -427,8 +417,7 @@ def assemble(pair: str, spec: str, a: Source, b: Source, opts: dict, b_to_a: Opt
 
 
 def load_clap(opts: dict, pair: str, spec: str) -> Dataset:
-    """clap:audio=,text=: the arrays format under CLAP's names; without ids, captions are contiguous
-    (N_text / N_audio per audio, or per_audio=K)."""
+    """The arrays format under CLAP's names; without ids, captions are contiguous (N_text / N_audio or per_audio=K)."""
     if pair != "audio-text":
         raise DataError(f"{spec}: CLAP embeddings are audio-text; use --pair audio-text")
     if "audio" not in opts or "text" not in opts:

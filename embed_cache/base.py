@@ -50,8 +50,7 @@ def read_rows(array, rows: np.ndarray) -> np.ndarray:
         if hi - lo <= 4 * len(rows):
             f.seek(array.offset + lo * row_bytes)
             return np.fromfile(f, dtype=array.dtype, count=(hi - lo) * dim).reshape(-1, dim)[rows - lo]
-        fd = f.fileno()
-        buf = b"".join(os.pread(fd, row_bytes, array.offset + int(r) * row_bytes) for r in rows)
+        buf = b"".join(os.pread(f.fileno(), row_bytes, array.offset + int(r) * row_bytes) for r in rows)
     return np.frombuffer(bytearray(buf), dtype=array.dtype).reshape(len(rows), dim)  # writable
 
 

@@ -4,11 +4,10 @@
     python -m embed_cache.extract --audio-dir clotho/evaluation --captions clotho_captions_evaluation.csv \\
         --out clotho.npz --encoder hf-clap --model laion/clap-htsat-unfused           # audio and captions
 
-Audio is mixed to mono, resampled and cut to the encoder's first window; its id is its path below
---audio-dir without the extension. Caches (.npz): `emb` (N, D) float32 unit rows, `ids`, `encoder`
-(+ `captions`, `caption_no`). Runs resume, writes are atomic, --shard I/N (or torchrun) embeds a
-stable share of the ids and --merge joins the parts; the last line is the --data spec to train on.
-"""
+Audio is mixed to mono, resampled and cut to the encoder's first window; its id is its path below --audio-dir
+without the extension. Caches (.npz): `emb` (N, D) float32 unit rows, `ids`, `encoder` (+ `captions`, `caption_no`).
+Runs resume, writes are atomic, --shard I/N (or torchrun) embeds a stable share of the ids and --merge joins the
+parts; the last line is the --data spec to train on."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +32,6 @@ from .arrays import id_hash, read_named
 from .base import DataError, atomic_write, pick_device, reason
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg")
-ENCODER_NAMES = ("logmel", "hf-clap", "laion-clap")
 ID_COLUMNS = ("file_name", "youtube_id", "audio_id", "id", "filename", "file")   # tried in this order
 CAPTION_COLUMN = re.compile(r"^(caption|captions)(_\d+)?$", re.I)
 TEXT_COLUMNS = ("captions", "caption_no")
@@ -82,24 +80,16 @@ def find_audio(folder: str) -> list[tuple[str, str]]:
 # -- encoders: `name` (kept in the cache, so a resumed run refuses another model), `sample_rate`,
 # `clip_seconds` (the window: longer files are cut to their first, where both CLAPs would take a
 # random crop per call), `has_text`; embed_audio(mono clips) / embed_text(captions) -> (B, D) unit rows
-
 def import_optional(module: str, who: str):
     """Import an optional package, or one DataError: it is missing, or installed but its import fails (why)."""
     try:
         return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:   # the package itself, not one of its imports
+    except Exception as e:  # an installed package that fails while importing: any error type
+        if isinstance(e, ModuleNotFoundError) and e.name == module:   # the package itself, not one of its imports
             raise DataError(f"{who} needs the {module} package: pip install {module} "
                             f"(--encoder logmel needs nothing)") from None
-        why = reason(e)
-    except Exception as e:  # an installed package that fails while importing: any error type
-        why = reason(e)
-    if "torchvision" in why:
-        hint = (f"the installed torchvision was not built for this torch ({torch.__version__}): install the "
-                f"torchvision release made for it, from the same (CPU or CUDA) build, or uninstall torchvision")
-    else:
-        hint = f"fix or reinstall what it names (python -c 'import {module}' shows the traceback)"
-    raise DataError(f"{who}: {module} is installed but cannot be imported ({why}); {hint}")
+        raise DataError(f"{who}: {module} is installed but cannot be imported ({reason(e)}); fix or reinstall what "
+                        f"it names (python -c 'import {module}' shows the traceback)") from None
 
 
 def unit_rows(x) -> np.ndarray:
@@ -154,7 +144,12 @@ class HFClapEncoder:
             self.processor = transformers.ClapProcessor.from_pretrained(model)
             self.model = transformers.ClapModel.from_pretrained(model).to(self.device).eval()
         except (OSError, ValueError) as e:
-            raise DataError(hf_model_error(model, e)) from None
+            path = model.startswith((".", "/", "~")) or model.count("/") > 1   # hub ids are NAME or ORG/NAME
+            raise DataError(f"--model {model}: " + (
+                f"a folder, but not a CLAP saved with save_pretrained ({reason(e)})" if os.path.isdir(model) else
+                "no such folder, and not a hub id like laion/clap-htsat-unfused" if path else
+                f"not in the Hugging Face cache and not downloadable (offline, or no such model); hf download {model} "
+                f"once with a network ({reason(e)})")) from None
         fe = self.processor.feature_extractor
         self.sample_rate, self.clip_seconds = int(fe.sampling_rate), fe.nb_max_samples / fe.sampling_rate
         self.fusion = fe.truncation == "fusion"
@@ -178,23 +173,9 @@ class HFClapEncoder:
         return unit_rows(self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()}))
 
 
-def hf_model_error(model: str, e: BaseException) -> str:
-    """One line for a model that from_pretrained cannot load, saying what to do."""
-    if os.path.isdir(model):
-        return f"--model {model}: a folder, but not a CLAP model and processor saved with save_pretrained ({reason(e)})"
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:   # a path; hub ids are NAME or ORG/NAME
-        return f"--model {model}: no such folder, and not a hub model id like laion/clap-htsat-unfused"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    where = ("it is not in the Hugging Face cache and HF_HUB_OFFLINE is set" if offline else
-             "it is not in the Hugging Face cache and the hub did not provide it (no network, or no such model)")
-    return (f"--model {model}: cannot load it: {where}; download it once with a network (hf download {model}) "
-            f"or give the folder it was saved to ({reason(e)})")
-
-
 class LaionClapEncoder:
     """LAION-CLAP's CLAP_Module (48 kHz, 10 s windows). checkpoint: a local .pt, or None for laion_clap's
-    default download; amodel: the checkpoint's audio tower (HTSAT-tiny: the 630k ones, HTSAT-base: music).
-    CLAP_Module() loads `roberta-base` through transformers even for audio only (offline: from the cache)."""
+    default download; amodel: its audio tower (HTSAT-tiny: the 630k ones, HTSAT-base: music)."""
     has_text, sample_rate, clip_seconds = True, 48000, 10.0
 
     def __init__(self, checkpoint: str | None, amodel: str = "HTSAT-tiny", fusion: bool = False,
@@ -205,76 +186,48 @@ class LaionClapEncoder:
         self.device = pick_device(device)
         with contextlib.redirect_stdout(sys.stderr):   # laion_clap prints progress to stdout
             laion_clap = import_optional("laion_clap", "--encoder laion-clap")
-            try:
+            try:   # 'roberta-base' not cached offline, a bad amodel, a checkpoint of another tower, a failed download
                 self.model = laion_clap.CLAP_Module(enable_fusion=fusion, amodel=amodel, device=self.device)
-            except OSError as e:   # transformers' from_pretrained('roberta-base')
-                raise DataError(f"--encoder laion-clap: laion_clap loads its text model 'roberta-base' from the "
-                                f"Hugging Face hub and cannot ({reason(e)}); run once with a network so that it is "
-                                f"cached, then HF_HUB_OFFLINE=1 works offline") from None
-            except Exception as e:  # a bad amodel name, a broken install: one line, not a traceback
-                raise DataError(f"--encoder laion-clap: CLAP_Module(amodel={amodel!r}, enable_fusion={fusion}) "
-                                f"failed ({reason(e)})") from None
-            try:
                 self.model.load_ckpt(checkpoint, verbose=False)
-            except Exception as e:  # a download that fails, a checkpoint of another architecture
-                what = checkpoint or "its default checkpoint (downloaded on first use)"
-                raise DataError(f"--encoder laion-clap: cannot load {what} ({reason(e)}); give --checkpoint PATH "
-                                f"of a LAION-CLAP .pt matching --model {amodel}{' and --fusion' if fusion else ''}") from None
+            except Exception as e:
+                raise DataError(f"--encoder laion-clap: cannot set up --model {amodel}{' --fusion' if fusion else ''} with "
+                                f"{checkpoint or 'the default checkpoint'} ({reason(e)}); it needs the text model "
+                                f"'roberta-base' (a network once, then the cache) and a checkpoint of that model") from None
         ckpt = os.path.basename(checkpoint) if checkpoint else "default"
         self.name = f"laion-clap:{ckpt}:{amodel}{':fusion' if fusion else ''}"
 
     @torch.no_grad()
     def embed_audio(self, clips: list[np.ndarray]) -> np.ndarray:   # laion_clap quantises and repeat-pads itself
-        return unit_rows(self.model.get_audio_embedding_from_data(x=[np.asarray(c, np.float32) for c in clips],
-                                                                  use_tensor=False))
+        return unit_rows(self.model.get_audio_embedding_from_data(x=[np.asarray(c, np.float32) for c in clips], use_tensor=False))
 
     @torch.no_grad()
     def embed_text(self, captions: list[str]) -> np.ndarray:
         return unit_rows(self.model.get_text_embedding(list(captions), use_tensor=False))
 
 
-def make_encoder(name: str, model: str | None = None, checkpoint: str | None = None, fusion: bool = False,
-                 device: str = "auto"):
-    """The encoder `name` set up; DataError if it cannot be (ValueError: --device cuda without CUDA)."""
-    if name == "logmel":
-        return LogMelEncoder()
-    if name == "hf-clap":
-        return HFClapEncoder(model or "laion/clap-htsat-unfused", device)
-    if name == "laion-clap":
-        return LaionClapEncoder(checkpoint, model or "HTSAT-tiny", fusion, device)
-    raise DataError(f"--encoder {name}: unknown (use one of {', '.join(ENCODER_NAMES)})")
-
-
 # -- captions ---------------------------------------------------------------------------------
-
 def _records(path: str) -> tuple[list[dict], list[str], str]:
     """(rows as dicts, column names, how a row is named in messages) of a CSV or JSON caption file;
-    JSON: a list of objects, {"data": [objects]} (WavCaps), {column: [values]} or {id: caption(s)}."""
+    JSON: a list of objects, {"data": [objects]} (WavCaps) or {id: caption(s)}."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
+    if not path.lower().endswith((".csv", ".json")):
+        raise DataError(f"{path}: captions must be a .csv or .json file")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: a BOM must not rename the first column
             if path.lower().endswith(".csv"):
                 reader = csv.DictReader(f)
-                return list(reader), list(reader.fieldnames or []), "line {}".format
-            if not path.lower().endswith(".json"):
-                raise DataError(f"{path}: captions must be a .csv or .json file")
+                return list(reader), list(reader.fieldnames or []), lambda k: f"line {k + 2}"   # line 1: the header
             obj = json.load(f)
-    except DataError:
-        raise
     except (OSError, ValueError, csv.Error) as e:   # ValueError: bad JSON, bytes that are not UTF-8
         raise DataError(f"{path}: cannot read captions ({reason(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if isinstance(obj, list) and all(isinstance(r, dict) for r in obj):
         return obj, list(dict.fromkeys(k for r in obj for k in r)), "record {}".format
-    if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()) and \
-            len({len(v) for v in obj.values()}) == 1 and any(CAPTION_COLUMN.match(k) for k in obj):
-        return [dict(zip(obj, row)) for row in zip(*obj.values())], list(obj), "record {}".format
     if isinstance(obj, dict) and all(isinstance(v, (str, list)) for v in obj.values()):
         return [{"id": k, "caption": v} for k, v in obj.items()], ["id", "caption"], "key {}".format
-    raise DataError(f"{path}: not a caption layout (a list of objects, {{\"data\": [...]}}, {{column: [...]}} "
-                    f"or {{id: caption}})")
+    raise DataError(f"{path}: not a caption layout (a list of objects, {{\"data\": [...]}} or {{id: caption}})")
 
 
 def read_captions(path: str, id_col: Optional[str] = None, caption_cols: Optional[list[str]] = None) -> list[Caption]:
@@ -282,7 +235,6 @@ def read_captions(path: str, id_col: Optional[str] = None, caption_cols: Optiona
     audio file (default: the first of ID_COLUMNS) or a template like "{youtube_id}_{start_time}";
     caption_cols: default every column caption, caption_N or captions; a cell may hold a list."""
     rows, columns, where = _records(path)
-    first = 2 if path.lower().endswith(".csv") else 0        # CSV: line 1 is the header
     found, fix = f"columns: {', '.join(map(str, columns)) or 'none'}", "name the column of audio file names with --id-col"
     id_col = next((c for c in ID_COLUMNS if c in columns), None) if id_col is None else id_col
     if id_col is None:
@@ -303,7 +255,7 @@ def read_captions(path: str, id_col: Optional[str] = None, caption_cols: Optiona
     for k, row in enumerate(rows):
         values = {f: "" if row.get(f) is None else str(row[f]).strip() for f in fields}
         if not all(values.values()):
-            raise DataError(f"{path}: {where(k + first)}: empty id ({', '.join(fields)})")
+            raise DataError(f"{path}: {where(k)}: empty id ({', '.join(fields)})")
         cid = id_col.format(**values) if "{" in id_col else values[id_col]
         cid = (os.path.splitext(cid)[0] if cid.lower().endswith(AUDIO_EXTS) else cid).replace("\\", "/")
         for col in caption_cols:
@@ -360,7 +312,6 @@ def make_plan(audio_dir: str, captions: Optional[str] = None, id_col: Optional[s
 
 
 # -- caches -----------------------------------------------------------------------------------
-
 def load_cache(path: str, encoder: str, text: bool = False) -> dict[str, list]:
     """The columns of a cache as lists (none there: empty), checked to be of `encoder` and of captions iff text."""
     names = ("emb", "ids") + (TEXT_COLUMNS if text else ())
@@ -375,11 +326,8 @@ def load_cache(path: str, encoder: str, text: bool = False) -> dict[str, list]:
         raise DataError(f"{path}: written by encoder {str(found['encoder'])!r}, not {encoder!r}; use another {flag}")
     if any(len(found[k]) != len(found["emb"]) for k in names):
         raise DataError(f"{path}: columns of different lengths ({', '.join(f'{k} {len(found[k])}' for k in names)})")
-    cache = {k: list(found[k]) for k in names}
-    cache["ids"] = [str(i) for i in cache["ids"]]
-    if text:
-        cache["captions"], cache["caption_no"] = [str(x) for x in cache["captions"]], [int(x) for x in cache["caption_no"]]
-    return cache
+    kind = {"ids": str, "captions": str, "caption_no": int}   # numpy scalars -> Python values
+    return {k: [kind[k](x) for x in found[k]] if k in kind else list(found[k]) for k in names}
 
 
 def write_cache(path: str, cache: dict[str, list], encoder: str, shard: Shard = None) -> None:
@@ -404,9 +352,9 @@ def part_path(out: str, shard: tuple[int, int]) -> str:
 
 
 def _embed_into(out: str, cache: dict[str, list], todo: list, embed, batch_size: int, save_every: int,
-                encoder: str, shard, desc: str) -> None:
+                encoder: str, shard, desc: str) -> int:
     """Embed `todo` into `cache` by embed(batch) -> (emb (B, D), {column: B values}), rewriting `out` every
-    save_every batches and at the end, also when a batch fails or on Ctrl-C."""
+    save_every batches and at the end, also when a batch fails or on Ctrl-C; returns len(todo)."""
     saved = len(cache["ids"])               # rows already in the file on disk
     batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
     try:
@@ -429,6 +377,7 @@ def _embed_into(out: str, cache: dict[str, list], todo: list, embed, batch_size:
             del cache[k][n:]
         if n > saved or (shard is not None and not os.path.exists(out)):   # an empty shard still says so
             write_cache(out, cache, encoder, shard)
+    return len(todo)
 
 
 def extract(audio_dir: str, out: str, encoder, batch_size: int = 16, save_every: int = 50,
@@ -441,17 +390,14 @@ def extract(audio_dir: str, out: str, encoder, batch_size: int = 16, save_every:
     window = int(round(encoder.sample_rate * encoder.clip_seconds))
 
     def embed(batch):
-        clips = [read_audio(p, encoder.sample_rate, window) for _, p in batch]
-        return encoder.embed_audio(clips), {"ids": [i for i, _ in batch]}
+        return encoder.embed_audio([read_audio(p, encoder.sample_rate, window) for _, p in batch]), {"ids": [i for i, _ in batch]}
 
-    _embed_into(out, cache, todo, embed, batch_size, save_every, encoder.name, shard, f"{encoder.name} audio")
-    return len(todo)
+    return _embed_into(out, cache, todo, embed, batch_size, save_every, encoder.name, shard, f"{encoder.name} audio")
 
 
 def captions_todo(captions: list[Caption], cache: dict[str, list], out: str, shard: Shard = None,
                   source: str = "captions") -> list[Caption]:
-    """The captions of `shard` not yet in `cache`, sorted; one there with other text is a DataError
-    naming `source` (the caption file changed: its old rows would pair wrongly)."""
+    """The captions of `shard` not yet in `cache`, sorted; one there with other text: DataError naming `source`."""
     have = {(i, n): t for i, n, t in zip(cache["ids"], cache["caption_no"], cache["captions"])}
     todo = []
     for cid, n, text in sorted(c for c in captions if in_shard(c[0], shard)):
@@ -476,14 +422,12 @@ def extract_captions(captions: list[Caption], out: str, encoder, batch_size: int
         ids, numbers, texts = (list(c) for c in zip(*batch))
         return encoder.embed_text(texts), {"ids": ids, "caption_no": numbers, "captions": texts}
 
-    _embed_into(out, cache, todo, embed, batch_size, save_every, encoder.name, shard, f"{encoder.name} captions")
-    return len(todo)
+    return _embed_into(out, cache, todo, embed, batch_size, save_every, encoder.name, shard, f"{encoder.name} captions")
 
 
 def merge(parts: list[str], out: str, audio_dir: str | None = None, expect: Optional[set] = None) -> int:
-    """Join shard caches into `out`, rows sorted by key (as one process writes them); returns the row count.
-    Refuses parts of other encoders, kinds or shard counts, a shard twice or missing, a row in two parts,
-    and rows in no part: the `expect`ed keys (ids, or (id, caption_no) of captions), else audio_dir's files."""
+    """Join shard caches into `out`, rows sorted by key (as one process writes them); returns the row count. Refuses
+    mixed parts, a shard twice or missing, a row in two parts or in none (`expect`ed keys, else audio_dir's files)."""
     encoders, shards, kinds, merged, owner = set(), {}, set(), defaultdict(list), {}
     for path in parts:
         meta = read_named(path, ["encoder", "shard"])
@@ -547,7 +491,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-missing", action="store_true", help="leave out captions whose audio file is not there")
     p.add_argument("--shard", help="I/N: embed shard I of N (a stable split by id; torchrun: RANK/WORLD_SIZE)")
     p.add_argument("--merge", nargs="+", metavar="PART", help="join the shard parts of one cache into --out")
-    p.add_argument("--encoder", choices=ENCODER_NAMES, default="logmel",
+    p.add_argument("--encoder", choices=("logmel", "hf-clap", "laion-clap"), default="logmel",
                    help="logmel (no weights, audio only), hf-clap (transformers), laion-clap (pip install laion_clap)")
     p.add_argument("--model", help="hf-clap: hub id or folder (default laion/clap-htsat-unfused); laion-clap: audio "
                                    "tower, HTSAT-tiny (default) or HTSAT-base")
@@ -570,8 +514,8 @@ def main(argv=None) -> int:
             raise DataError("--text-out needs --captions FILE (the captions to embed)")
         if args.captions and os.path.abspath(text_out) == os.path.abspath(args.out):
             raise DataError(f"--text-out {text_out}: the same file as --out")
-        if args.captions and not args.audio_dir:
-            raise DataError("--captions needs --audio-dir (the audio files the captions describe)")
+        if not args.audio_dir and (args.captions or not args.merge):
+            raise DataError("--audio-dir is required (--merge needs it only with --captions)")
         if args.merge:
             expect = None
             if args.captions:
@@ -581,8 +525,6 @@ def main(argv=None) -> int:
             rows = merge(args.merge, args.out, args.audio_dir, expect)
             print(f"{args.out}: {rows} embeddings from {len(args.merge)} parts")
             return 0
-        if not args.audio_dir:
-            p.error("--audio-dir is required (unless --merge)")
         if args.captions and args.encoder == "logmel":
             raise DataError("--encoder logmel embeds audio only; captions need --encoder hf-clap or laion-clap")
         if args.shard is None:   # one process, or torchrun's RANK / WORLD_SIZE
@@ -596,7 +538,9 @@ def main(argv=None) -> int:
         plan = make_plan(args.audio_dir, args.captions, args.id_col, cols, args.skip_missing)   # before any weights load
         out = args.out if shard is None else part_path(args.out, shard)
         text_part = None if args.captions is None else text_out if shard is None else part_path(text_out, shard)
-        encoder = make_encoder(args.encoder, args.model, args.checkpoint, args.fusion, args.device)
+        encoder = (LogMelEncoder() if args.encoder == "logmel" else   # DataError if it cannot be set up
+                   HFClapEncoder(args.model or "laion/clap-htsat-unfused", args.device) if args.encoder == "hf-clap" else
+                   LaionClapEncoder(args.checkpoint, args.model or "HTSAT-tiny", args.fusion, args.device))
         load_cache(out, encoder.name)                      # refuse a wrong cache before embedding anything
         if text_part:
             captions_todo(plan.captions, load_cache(text_part, encoder.name, text=True), text_part, shard, args.captions)
@@ -607,8 +551,7 @@ def main(argv=None) -> int:
             print(f"{args.audio_dir}: {plan.uncaptioned} audio files have no caption in {args.captions}: not embedded")
         if text_part is None:
             return 0
-        t_added = extract_captions(plan.captions, text_part, encoder, args.batch_size, args.save_every, shard,
-                                   args.captions)
+        t_added = extract_captions(plan.captions, text_part, encoder, args.batch_size, args.save_every, shard, args.captions)
         cache = load_cache(text_part, encoder.name, text=True)
         print(f"{text_part}: {len(cache['ids'])} caption embeddings ({t_added} new, {len(cache['ids']) - t_added} "
               f"already there) of {len(set(cache['ids']))} audio ids")

@@ -69,8 +69,7 @@ def source(name: str, clips: dict[str, np.ndarray], split: dict[str, str] | None
 def load_dirs(opts: dict, pair: str, spec: str) -> Dataset:
     if "a" not in opts or "b" not in opts:
         raise DataError(f"{spec}: give a=FOLDER,b=FOLDER")
-    return assemble(pair, spec, source(opts["a"], read_folder(opts["a"], opts)),
-                    source(opts["b"], read_folder(opts["b"], opts)), opts)
+    return assemble(pair, spec, *(source(opts[k], read_folder(opts[k], opts)) for k in "ab"), opts)
 
 
 def load_cavp(opts: dict, pair: str, spec: str) -> Dataset:

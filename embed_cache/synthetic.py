@@ -1,11 +1,9 @@
-"""Built-in synthetic stand-in for CLAP / CAVP embeddings, seeded and shaped like a real contrastive
-space (Liang et al., "Mind the Gap", 2022). In a hidden basis, an audio item has a class and content
-s = class centre + spread in an r-dim subspace (a caption adds its own noise); each modality sees s
-through its own per-dimension salience, sits on a shared cone (coordinate 0) and its side of a gap
-(coordinate 1), and adds its own nuisance and noise. modes > 1: each audio is one of its class's
-variants, unseen by B. Linear-Gaussian given the class, so `oracle_scores` ranks with the true
-parameters: the reference ceiling.
-"""
+"""Built-in synthetic stand-in for CLAP / CAVP embeddings, seeded and shaped like a real contrastive space (Liang
+et al., "Mind the Gap", 2022). In a hidden basis, an audio item has a class and content s = class centre + spread in
+an r-dim subspace (a caption adds its own noise); each modality sees s through its own per-dimension salience, sits
+on a shared cone (coordinate 0) and its side of a gap (coordinate 1), and adds its own nuisance and noise. modes > 1:
+each audio is one of its class's variants, unseen by B. Linear-Gaussian given the class, so `oracle_scores` ranks
+with the true parameters: the reference ceiling."""
 from __future__ import annotations
 
 import math
@@ -24,8 +22,7 @@ class SyntheticConfig:
     class_share: float = 0.6  # share of semantic energy in the class centre (rest: within-class)
     cone: float = 0.56        # shared cone offset (coordinate 0)
     gap: float = 0.40         # modality gap: +gap for audio, -gap for video/text (coordinate 1)
-    semantic: float = 0.36    # energy share of the semantic part (semantic, nuisance and noise
-                              # are rescaled together to fill what the cone and gap leave)
+    semantic: float = 0.36    # energy of the semantic part (with nuisance and noise: rescaled to what cone, gap leave)
     salience: float = 1.0     # spread of per-dimension salience (0: identical in both modalities)
     nuisance: float = 0.25    # energy of the modality-specific nuisance directions
     nuisance_rank: int = 12   # number of nuisance directions per modality
@@ -83,11 +80,10 @@ class SyntheticSpace:
             U[2:2 + r] = torch.randn(r, cfg.nuisance_rank, generator=g, dtype=torch.float64)
             self.nuis.append(torch.linalg.qr(U)[0])  # (D, q)
         self.offset = [torch.tensor([cfg.cone, sign * cfg.gap] + [0.0] * (D - 2), dtype=torch.float64) for sign in (1, -1)]
-        # drawn last and only when asked for, so that one-to-one data stays what it was
-        self.variants = None
-        if cfg.modes > 1:
-            self.variants = torch.randn(cfg.classes, cfg.modes, r, generator=g, dtype=torch.float64) * \
-                math.sqrt(cfg.mode_share / r)                                      # (classes, modes, r)
+        self.content_scale = math.sqrt(1 - cfg.cone ** 2 - cfg.gap ** 2)   # the norm left beside the cone and gap
+        # (classes, modes, r) variant offsets: drawn last and only when asked for, so one-to-one data stays as it was
+        self.variants = None if cfg.modes <= 1 else \
+            torch.randn(cfg.classes, cfg.modes, r, generator=g, dtype=torch.float64) * math.sqrt(cfg.mode_share / r)
 
     # -- sampling -----------------------------------------------------------------------
     def _latent(self, m: int, s: torch.Tensor) -> torch.Tensor:
@@ -99,12 +95,8 @@ class SyntheticSpace:
         coef = torch.randn(n, cfg.nuisance_rank, generator=self.g, dtype=torch.float64)
         rest += math.sqrt(cfg.nuisance / cfg.nuisance_rank) * coef @ self.nuis[m].T
         rest[:, 2:] += math.sqrt(cfg.noise / cfg.dim) * torch.randn(n, cfg.dim - 2, generator=self.g, dtype=torch.float64)
-        # The cone/gap part is the same for every item: a varying norm would make items with
-        # a short content part hubs for every query, an artefact rather than the gap itself.
-        return self.offset[m] + self._content_scale() * torch.nn.functional.normalize(rest, dim=-1)
-
-    def _content_scale(self) -> float:
-        return math.sqrt(1 - self.cfg.cone ** 2 - self.cfg.gap ** 2)
+        # One cone/gap part for every item: a varying norm would make short-content items hubs, not a gap effect
+        return self.offset[m] + self.content_scale * torch.nn.functional.normalize(rest, dim=-1)
 
     def _observe(self, v: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(v @ self.basis.T, dim=-1).float()
@@ -113,9 +105,7 @@ class SyntheticSpace:
         cfg, r = self.cfg, self.cfg.rank
         labels = torch.randint(cfg.classes, (n,), generator=self.g)
         s = self.centres[labels] + torch.randn(n, r, generator=self.g, dtype=torch.float64) * math.sqrt((1 - cfg.class_share) / r)
-        s_a = s
-        if self.variants is not None:   # each audio one of its class's variants, unseen by B
-            s_a = s + self.variants[labels, torch.randint(cfg.modes, (n,), generator=self.g)]
+        s_a = s if self.variants is None else s + self.variants[labels, torch.randint(cfg.modes, (n,), generator=self.g)]
         a = self._observe(self._latent(0, s_a))
         k = cfg.captions if self.pair == "audio-text" else 1
         s_b = s.repeat_interleave(k, 0)
@@ -134,7 +124,7 @@ class SyntheticSpace:
             + (cfg.mode_share if (m == 0 and cfg.modes > 1) else 0.0)   # variants: moment-matched, not Bayes
         cov = content / r * W @ W.T + cfg.nuisance / cfg.nuisance_rank * self.nuis[m] @ self.nuis[m].T
         cov += cfg.noise / D * torch.eye(D, dtype=torch.float64)
-        k = self._content_scale() / math.sqrt(cfg.semantic + cfg.nuisance + cfg.noise)  # the normalisation
+        k = self.content_scale / math.sqrt(cfg.semantic + cfg.nuisance + cfg.noise)  # the normalisation
         return self.offset[m], k * k * cov, k * W
 
     def oracle_scores(self, query: torch.Tensor, gallery: torch.Tensor, direction: int) -> torch.Tensor:
@@ -159,6 +149,5 @@ def synthetic_dataset(pair: str, seed: int = 0, **overrides) -> Dataset:
     space = SyntheticSpace(pair, cfg)
     # audio-text: as many training pairs as audio-video (5 captions per audio), same eval sizes
     n_train = cfg.n_train // (cfg.captions if pair == "audio-text" else 1)
-    splits = {name: space.sample_split(n) for name, n in
-              (("train", n_train), ("val", cfg.n_val), ("test", cfg.n_test))}
+    splits = {name: space.sample_split(n) for name, n in (("train", n_train), ("val", cfg.n_val), ("test", cfg.n_test))}
     return Dataset(pair=pair, spec=f"synthetic:seed={seed}", splits=splits, oracle=space.oracle_scores)

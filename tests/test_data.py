@@ -275,20 +275,16 @@ def test_a_bad_option_is_one_line_naming_the_spec_and_the_key(tmp_path, monkeypa
     assert str(err.value).startswith(f"{spec}: ") and named in str(err.value) and "\n" not in str(err.value)
 
 
-def test_json_spec_values_are_parsed_as_the_string_options_are(tmp_path):
-    spec = tmp_path / "data.json"
-    spec.write_text(json.dumps({"format": "synthetic", "n_train": 64, "n_val": 8, "n_test": 8, "noise": 0.2}))
-    ds = embed_cache.load(str(spec), "audio-video")
-    want = embed_cache.load("synthetic:n_train=64,n_val=8,n_test=8,noise=0.2", "audio-video")
-    assert torch.equal(ds.splits["test"].a, want.splits["test"].a)
-
-
-def test_json_spec_file(tmp_path):
+def test_a_json_file_is_not_a_data_spec(tmp_path):
+    """JSON spec files are gone (a spec string does their job): a .json path is refused like any other non-spec."""
     np.save(tmp_path / "a.npy", rand(50)), np.save(tmp_path / "b.npy", rand(50, seed=1))
     spec = tmp_path / "data.json"
-    spec.write_text(json.dumps({"format": "arrays", "a": f"{tmp_path}/a.npy", "b": f"{tmp_path}/b.npy", "test": 0.2}))
-    ds = embed_cache.load(str(spec), "audio-video")
-    assert sum(len(s.a) for s in ds.splits.values()) == 50
+    spec.write_text(json.dumps({"format": "arrays", "a": f"{tmp_path}/a.npy", "b": f"{tmp_path}/b.npy"}))
+    with pytest.raises(DataError) as err:
+        embed_cache.load(str(spec), "audio-video")
+    message = str(err.value)
+    assert message.startswith(f"{spec}: not a data spec; use one of ") and "\n" not in message
+    assert ".json" not in message[len(str(spec)):]   # the hint offers no JSON spec either
 
 
 # ----------------------------------------------------------------------------------------

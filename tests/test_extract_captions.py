@@ -59,9 +59,6 @@ def test_audiocaps_clotho_and_json_layouts(tmp_path):
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps({"k1": ["c1", "c2"], "k2": "c3"}))
     assert read_captions(str(mapping)) == [("k1", 0, "c1"), ("k1", 1, "c2"), ("k2", 0, "c3")]
-    columns = tmp_path / "cols.json"
-    columns.write_text(json.dumps({"audio_id": ["a", "b"], "caption": ["one", "two"]}))
-    assert read_captions(str(columns)) == [("a", 0, "one"), ("b", 0, "two")]
 
 
 def test_caption_file_errors_name_the_file_and_the_fix(tmp_path):
