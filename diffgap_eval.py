@@ -1,10 +1,7 @@
-"""What train.py, sample.py, the benchmarks and the tests add around diffgap.py (the paper), in
-the order a split is scored: 1. metrics (R@k, median rank, mAP@10; Frechet distance, paired
-cosine), 2. retrieval scores (contrastive, diffgap, two-way, blends; each one inner product) and
-their choice on validation, 3. split translation, 4. tables and the gallery export,
-5. checkpoints, 6. command-line helpers (one `error:` line and exit status 2 for bad input).
-Direction 0 is "B->A" (queries from B rank the audio gallery), 1 is "A->B", as in diffgap.py.
-"""
+"""What the commands, benchmarks and tests add around diffgap.py (the paper), in the order a split is
+scored: 1. metrics, 2. retrieval scores (each one inner product) and their choice on validation,
+3. split translation, 4. tables and the gallery export, 5. checkpoints, 6. command-line helpers.
+Direction 0 is "B->A" (queries from B rank the audio gallery), 1 is "A->B", as in diffgap.py."""
 from __future__ import annotations
 
 import argparse
@@ -112,10 +109,9 @@ def _metrics(first: torch.Tensor, top_hits: torch.Tensor, n_rel: torch.Tensor, k
 
 
 def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """R@k, median rank and mAP@10 (conventions: _metrics) from scores (Q, G), higher is better,
-    ties to the lower index. relevant: (Q,) int, one correct item per query, or (Q, G) bool, several
-    (an audio's 5 captions: a hit at k when any is in the top k). One stable sort per row; a
-    non-finite score, a query with no correct item or a wrong shape is a ValueError."""
+    """R@k, median rank and mAP@10 (conventions: _metrics) from scores (Q, G), higher is better, ties to the
+    lower index; relevant: (Q,) int, or (Q, G) bool for several correct items (an audio's captions: a hit
+    at k when any is in the top k). A non-finite score, a query with no correct item is a ValueError."""
     Q, G = scores.shape
     check_finite(scores, "scores")
     relevant = _relevance(relevant, Q, G)
@@ -196,11 +192,8 @@ def paired_cosine(x: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor
 # 2. Retrieval scores ---------------------------------------------------------------------------
 
 def bootstrap_interval(values: torch.Tensor, resamples: int = 1000, level: float = 0.95, seed: int = 0):
-    """Percentile bootstrap interval of the mean of per-query values (Q,), resampling queries.
-
-    For R@1 the values are each query's hit (rank == 1); for a difference of two scores on the
-    same queries, the per-query differences (a paired interval: it cancels query difficulty).
-    """
+    """Percentile bootstrap interval of the mean of per-query values (Q,), resampling queries: for R@1
+    each query's hit; for two scores, the per-query differences (paired: it cancels query difficulty)."""
     g = torch.Generator().manual_seed(seed)
     means = values.float().cpu()[torch.randint(0, len(values), (resamples, len(values)), generator=g)].mean(1)
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2]))
@@ -269,12 +262,10 @@ def score_retrieval(queries: torch.Tensor, gallery: torch.Tensor, relevant: torc
                     q_hat_g: torch.Tensor | None = None, scores: list[str] | None = None) -> dict[str, dict]:
     """{score: retrieval metrics} for each score (default: all of score_names the inputs allow).
 
-    queries (Q, D_q), gallery (G, D_g), relevant as in retrieval_metrics; g_hat_q (Q, D_g) the
-    queries translated, q_hat_g (G, D_q) the gallery translated the other way (None: no two-way).
-    Each dict also holds "R@1 lo"/"R@1 hi" (95% bootstrap interval over queries), "gain" over
-    contrastive with its paired interval "gain lo"/"gain hi", and "gain lo adjusted": that lower
-    end at level 1 - 0.05 / m for the m learned candidates (Bonferroni), which choose_score uses.
-    """
+    queries (Q, D_q), gallery (G, D_g), relevant as in retrieval_metrics; g_hat_q (Q, D_g) and q_hat_g (G, D_q)
+    the translations (q_hat_g None: no two-way). Each dict also holds "R@1 lo"/"R@1 hi" (95% bootstrap interval),
+    "gain" over contrastive with its paired interval "gain lo"/"gain hi", and "gain lo adjusted": that lower
+    end at level 1 - 0.05 / m for the m learned candidates (Bonferroni), which choose_score uses."""
     for x, what in ((queries, "query"), (gallery, "gallery"), (g_hat_q, "query translation"),
                     (q_hat_g, "gallery translation")):
         if x is not None:
@@ -296,9 +287,8 @@ def score_retrieval(queries: torch.Tensor, gallery: torch.Tensor, relevant: torc
 @torch.no_grad()
 def query_vectors(model: DiffGAP, queries: torch.Tensor, direction: int, score: str, num_samples: int = 16,
                   **sample_kw) -> torch.Tensor:
-    """The query side of `score` for new queries (Q, D_q) -> (Q, D'): their inner products with
-    the gallery vectors sample.py --export-gallery writes rank like the score. The same settings
-    as the export (its .index.json) give the same ranking; sample_kw as in sample()."""
+    """The query side of `score` for new queries (Q, D_q) -> (Q, D'), whose inner products with an exported
+    gallery rank like the score, given the export's settings (its .index.json; sample_kw as in sample())."""
     g_hat_q = model.translate(queries, direction, num_samples, **sample_kw) if parse_score(score)[1] > 0 else None
     return query_side(score, queries, g_hat_q)
 
@@ -322,19 +312,18 @@ def choice_reason(val_results: dict[str, dict], chosen: str) -> str:
     if "contrastive" not in val_results:
         return "the best validation R@1 (no contrastive score: the dims differ)"
     learned = {n: m for n, m in val_results.items() if n != "contrastive"}
-    if chosen != "contrastive":
-        m = learned[chosen]
-        return (f"{100 * m['gain']:+.1f} over contrastive on validation, beyond noise (adjusted lower bound "
-                f"{100 * m['gain lo adjusted']:+.1f} > 0 with {len(learned)} candidates)")
     if not learned:
         return "the only candidate"
-    best = max(learned, key=lambda n: learned[n]["R@1"])
-    m = learned[best]
+    best = chosen if chosen != "contrastive" else max(learned, key=lambda n: learned[n]["R@1"])
+    m, bound = learned[best], f"{100 * learned[best]['gain lo adjusted']:+.1f}"
+    if chosen != "contrastive":
+        return f"{100 * m['gain']:+.1f} over contrastive on validation, beyond noise (adjusted lower bound {bound} > 0 " \
+               f"with {len(learned)} candidates)"
     return (f"no learned score's validation gain is beyond noise (best: {best} {100 * m['gain']:+.1f}, adjusted lower "
-            f"bound {100 * m['gain lo adjusted']:+.1f} with {len(learned)} candidates)")
+            f"bound {bound} with {len(learned)} candidates)")
 
 
-# 3. The translation cache ---------------------------------------------------------------------
+# 3. Every row of a split translated both ways -------------------------------------------------
 
 def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, sampler: str = "ddim",
                     eta: float = 0.0, guidance: float = 1.0, seed: int = 0, gallery_guidance: float | None = None,
@@ -381,12 +370,8 @@ MEDR_LEGEND = ("medR: median of the 1-based ranks of each query's best correct i
 
 
 def retrieval_table(results: dict, title: str, chosen: dict | None = None) -> str:
-    """results: {direction: {score name: metrics}} -> a small aligned text table.
-
-    Brackets hold 95% bootstrap intervals over queries (score_retrieval) where present: of R@1,
-    and of the paired R@1 gain over contrastive on the same queries. A "val R@1" entry gets its
-    own column; chosen {direction: score} marks those rows with "*".
-    """
+    """results {direction: {score: metrics}} -> an aligned text table: 95% bootstrap intervals of R@1 and
+    of the paired gain over contrastive where present, a "val R@1" column, "*" on chosen {direction: score}."""
     pct = lambda m, key: f"[{100 * m[key + ' lo']:.1f}, {100 * m[key + ' hi']:.1f}]" if key + " lo" in m else ""
     val = any("val R@1" in m for by_score in results.values() for m in by_score.values())
     width = max(len(name) for by_score in results.values() for name in by_score) + 3
@@ -492,12 +477,10 @@ def load_checkpoint(path: str, map_location="cpu", needs: tuple[str, ...] = ()) 
 
 def non_finite(tensors: dict) -> str:
     """'' if every floating-point tensor of a state dict is finite, else which and how many are not."""
-    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()}
-    bad = {k: n for k, n in counts.items() if n}
-    if not bad:
-        return ""
-    total = sum(v.numel() for k, v in tensors.items() if k in counts)
-    return f"{sum(bad.values()):,} of {total:,} values are not finite (first: {next(iter(bad))})"
+    floats = {k: v for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()}
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in floats.items() if not torch.isfinite(v).all()}
+    return f"{sum(bad.values()):,} of {sum(v.numel() for v in floats.values()):,} values are not finite (first: " \
+           f"{next(iter(bad))})" if bad else ""
 
 
 # 6. Command-line helpers ----------------------------------------------------------------------
@@ -521,16 +504,14 @@ def number(kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
 
 
 def set_kernels(name: str, device: torch.device) -> None:
-    """--kernels NAME as diffgap.KERNELS; "triton" off CUDA needs Triton's interpreter, which must be
-    chosen before triton is imported (TRITON_INTERPRET=1 in the environment), so it is refused here."""
+    """--kernels as diffgap.KERNELS; "triton" off CUDA needs TRITON_INTERPRET=1 set before triton is imported."""
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("--kernels triton without CUDA runs Triton's interpreter (slow, for debugging): start the "
                          "command with TRITON_INTERPRET=1 in its environment")
     dg.KERNELS = name
 
 
-def check_dims(data: embed_cache.Dataset, model: dg.DiffGAP) -> None:
-    """A checkpoint only fits data of the dims it was trained on."""
+def check_dims(data: embed_cache.Dataset, model: dg.DiffGAP) -> None:   # a checkpoint fits its dims only
     if data.dims != (model.config.dim_a, model.config.dim_b):
         raise ValueError(f"{data.spec}: dims {data.dims[0]}/{data.dims[1]} do not match the checkpoint's "
                          f"{model.config.dim_a}/{model.config.dim_b}")
@@ -545,8 +526,7 @@ def find_checkpoint(path: str | None) -> str:
     return max(found, key=os.path.getmtime)
 
 
-def save_npy(path: str, x: torch.Tensor) -> None:
-    """Write x as float32 .npy atomically and durably (atomic_write)."""
+def save_npy(path: str, x: torch.Tensor) -> None:   # float32, atomically and durably
     atomic_write(path, lambda f: np.save(f, x.cpu().numpy().astype(np.float32)))
 
 

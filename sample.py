@@ -5,9 +5,8 @@
     python sample.py --export-gallery index/                    # gallery vectors of the chosen score
     python sample.py --direction b2a --cond video.npy --out audio_hat.npy
 
-Evaluation prints, for each direction of the test split, R@k of every score (contrastive,
-diffgap, two-way, blends) with 95% intervals, * marking the score chosen on validation, then the
-Frechet distance and paired cosine of generated embeddings. EMA weights are used.
+Prints, for each direction of the test split, R@k of every score with 95% intervals (* marks the
+one chosen on validation), then the Frechet distance and paired cosine of generated embeddings.
 """
 from __future__ import annotations
 
@@ -30,18 +29,14 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=number(float), default=1.0,
                    help="guidance scale of generated embeddings (--cond, FD, paired cos); 1: none")
     p.add_argument("--rank-guidance", type=number(float), default=ev.RANK_GUIDANCE,
-                   help="guidance scale of the K samples averaged for the learned retrieval scores "
-                        "(1 for models trained with --p-uncond 0)")
+                   help="guidance scale of the K samples averaged for the learned scores (1 without condition dropout)")
     p.add_argument("--gallery-guidance", type=number(float), default=ev.GALLERY_GUIDANCE,
                    help=f"guidance scale of the gallery side of the two-way scores (default {ev.GALLERY_GUIDANCE:g})")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged for the diffgap score")
-    p.add_argument("--score", type=score_name, default="auto",
-                   help="the score to mark and export: auto (default: per direction, the best validation R@1 among "
-                        "contrastive, diffgap, two-way and blends with contrastive), or one of those names, e.g. "
-                        "two-way or blend-0.5")
-    p.add_argument("--export-gallery", metavar="DIR",
-                   help="write the evaluated split's gallery vectors of the chosen score (unit rows, .npy), their "
-                        "ids and settings (.index.json), for any inner-product index; queries: diffgap_eval.query_vectors")
+    p.add_argument("--score", type=score_name, default="auto", help="the score to mark and export: auto (per "
+                   "direction, chosen on validation) or a name: contrastive, diffgap, two-way, blend-L, two-way-blend-L")
+    p.add_argument("--export-gallery", metavar="DIR", help="write the split's gallery vectors of the chosen score, "
+                   "their ids and settings, for an inner-product index (queries: diffgap_eval.query_vectors)")
     p.add_argument("--direction", choices=ev.DIRECTION_CHOICES, default="both")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--data", help="data spec to evaluate on (default: the one stored in the checkpoint)")

@@ -41,40 +41,32 @@ def parse_args(argv=None):
     p = ArgParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=ev.PAIRS, default="audio-video")
     p.add_argument("--data", help="data spec (README: Your own embeddings); default synthetic")
-    p.add_argument("--epochs", type=number(int, 1),
-                   help="passes over the training pairs (default: 30, the paper's, or as many as --min-steps needs; "
-                        "on --resume, the checkpoint's)")
+    p.add_argument("--epochs", type=number(int, 1), help="passes over the pairs (default: 30, the paper's, or what "
+                   "--min-steps needs; on --resume the checkpoint's)")
     p.add_argument("--min-steps", type=number(int, 1), default=ev.MIN_STEPS,
                    help=f"without --epochs, train at least this many steps (default {ev.MIN_STEPS})")
     p.add_argument("--batch-size", type=number(int, 1), help="default 64 (the paper's)")
-    p.add_argument("--lr", type=number(float, 0, lo_open=True),
-                   help="Adam learning rate, default 1e-3 (paper: 2e-4 over ~94k steps)")
+    p.add_argument("--lr", type=number(float, 0, lo_open=True), help="Adam's, default 1e-3 (paper: 2e-4 over ~94k steps)")
     p.add_argument("--switch-every", type=number(int, 1), help="m: steps per direction phase, default 500 (paper: 5000)")
     p.add_argument("--direction", choices=ev.DIRECTION_CHOICES, help="default both")
     p.add_argument("--objective", choices=("eps", "x0", "v"), help="default v")
     p.add_argument("--schedule", choices=("cosine", "linear"), help="default cosine")
     p.add_argument("--p-uncond", type=number(float, 0, 1, hi_open=True),
                    help="condition dropout, for classifier-free guidance; default 0.1 (0: the paper's, no guidance)")
-    p.add_argument("--rank-guidance", type=number(float), default=ev.RANK_GUIDANCE,
-                   help="guidance scale of the samples averaged for the learned retrieval scores")
-    p.add_argument("--gallery-guidance", type=number(float), default=ev.GALLERY_GUIDANCE,
-                   help=f"guidance scale of the gallery side of the two-way scores (default {ev.GALLERY_GUIDANCE:g})")
+    p.add_argument("--rank-guidance", type=number(float), default=ev.RANK_GUIDANCE, help="of the samples that rank")
+    p.add_argument("--gallery-guidance", type=number(float), default=ev.GALLERY_GUIDANCE, help="of two-way's gallery side")
     p.add_argument("--ema-decay", type=number(float, 0, 1, hi_open=True), help="in [0, 1), default 0.999; 0 turns EMA off")
-    p.add_argument("--no-direction-embedding", dest="direction_embedding", action="store_const", const=False,
-                   help="paper-faithful shared network")
+    p.add_argument("--no-direction-embedding", dest="direction_embedding", action="store_const", const=False)
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged in the final evaluation")
     p.add_argument("--no-eval", action="store_true", help="skip the validation table at the end")
     p.add_argument("--out", default="runs", help="checkpoints go to OUT/<pair>/ckpt.pt")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default: OUT/<pair>/ckpt.pt); the run's settings come from it")
-    p.add_argument("--save-every-min", type=number(float, 0, lo_open=True), default=10.0,
-                   help="also save a checkpoint every M minutes of training (default 10), besides epoch ends")
+    p.add_argument("--resume", nargs="?", const="auto", help="continue OUT/<pair>/ckpt.pt (or this file) with its settings")
+    p.add_argument("--save-every-min", type=number(float, 0, lo_open=True), default=10.0, help="besides epoch ends")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU needs TRITON_INTERPRET=1")
     p.add_argument("--seed", type=number(int, 0), help="default 0; decides the initial weights, batch order and noise")
-    p.add_argument("--loss-log", metavar="FILE",
-                   help="write 'step loss' for every step to FILE (rank 0's slice under torchrun; appended on --resume)")
+    p.add_argument("--loss-log", metavar="FILE", help="'step loss' per step (torchrun: rank 0's slice; --resume appends)")
     return p.parse_args(argv)
 
 

@@ -1,13 +1,11 @@
 """Two Triton kernels for diffgap, fused_linear_temb_silu (fused_mlp.py) and cosine_topk (topk.py), each held
-to the plain torch expression beside it here. This file needs no triton: without it (macOS, Windows) both
-answer with torch. CPU tensors need Triton's interpreter: TRITON_INTERPRET=1 set before this import.
+to the plain torch expression beside it here; this file needs no triton (without it both answer with torch).
+CPU tensors need Triton's interpreter: TRITON_INTERPRET=1 set before this import.
 
 The first GPU, driver or Triton release to run a kernel may be a user's. So the first time a kernel runs for
-a (kernel, dtype, device, fp32 dot precision) key in a process, its module's self_test holds it to the torch
-reference in float64 on a small input, at the tolerances of tests/test_kernels.py (TOL). If it disagrees,
-fails to compile, or a launch raises (then or later), one KernelFallbackWarning gives the figures and torch
-answers for that key from then on; strict=True (diffgap.KERNELS = "triton") raises KernelCheckError instead.
-"""
+a (kernel, dtype, device, fp32 dot precision) key in a process, its self_test holds it to the torch reference
+in float64 at the tests' tolerances (TOL); if it disagrees, fails to compile or a launch raises (then or
+later), one KernelFallbackWarning gives the figures and torch answers from then on (strict=True: raises)."""
 import os
 import threading
 import warnings
