@@ -5,14 +5,12 @@ Cross-Modal Gap", ICASSP 2025 (arXiv 2503.12131). A small DDPM denoises one moda
 CAVP embedding conditioned on the other's; one network serves both directions, trained with
 bidirectional split training (Algorithm 1: condition and target swap every m iterations).
 
-Read top to bottom: 1. noise schedule, 2. denoiser, 3. diffusion (scaling, loss, samplers,
-EMA), 4. the training loop. It needs only torch: copy it alone anywhere. Scores, metrics,
-checkpoints and the commands around it are in diffgap_eval.py, train.py and sample.py.
-
-Conventions: modality 0 (A) is audio, 1 (B) video or text. Direction d denoises modality d
-given modality 1 - d: direction 0 is "B->A" (as Algorithm 1 starts), 1 is "A->B". Timesteps
-are 0..T-1. Unit embeddings e are diffused as x = (e - mean) * scale, whose coordinates have
-unit variance like the N(0, I) noise.
+Read top to bottom: 1. noise schedule, 2. denoiser, 3. diffusion (scaling, loss, samplers, EMA),
+4. the training loop. It needs only torch: copy it alone anywhere (metrics, checkpoints and the
+commands are in diffgap_eval.py, train.py and sample.py). Conventions: modality 0 (A) is audio,
+1 (B) video or text; direction d denoises modality d given 1 - d: 0 is "B->A" (as Algorithm 1
+starts), 1 is "A->B". Timesteps are 0..T-1. Unit embeddings e are diffused as
+x = (e - mean) * scale, whose coordinates have unit variance like the N(0, I) noise.
 """
 from __future__ import annotations
 
@@ -132,13 +130,10 @@ class ResidualBlock(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """Predicts eps (or x0, v) for the noisy target x_t given the condition, t and direction.
-
-    The condition's projection is added to x_t's at the input (a direct path for the mostly
-    linear map between modalities), and an MLP of it joins the time (and direction) embedding
-    in every block, as class labels do in DDPM; a learned null vector replaces it for
-    classifier-free guidance. Unequal dims give each modality its own in/out layers.
-    """
+    """Predicts eps (or x0, v) for the noisy target x_t given the condition, t and direction. The
+    condition's projection joins x_t's at the input (a direct path for the mostly linear map between
+    modalities) and, through an MLP, the time (and direction) embedding in every block, as class
+    labels do in DDPM. Unequal dims give each modality its own in/out layers."""
 
     def __init__(self, cfg: DiffGAPConfig):
         super().__init__()
@@ -157,21 +152,27 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList([ResidualBlock(H, I) for _ in range(cfg.depth)])
         self.norm_out = nn.LayerNorm(H)
 
-    def forward(self, x_t, t, cond, direction: int, drop=None):
-        """x_t (B, D_target), t (B,) int or one int for every row, cond (B, D_cond), drop (B,) bool
-        or None: the rows whose condition is replaced by the null vector -> (B, D_target)."""
-        layer = lambda layers, modality: layers[modality % len(layers)]
-        c = layer(self.c_in, 1 - direction)(cond)                             # (B, H)
+    def condition(self, cond, direction: int, drop=None):
+        """The condition's two inputs to forward: c (B, H) joins x_t's projection, c_emb (B, I) every
+        block. cond (B, D_cond); drop (B,) bool: those rows get the learned null vector instead
+        (condition dropout in training, the unconditional half of guidance in sampling)."""
+        c = self.c_in[(1 - direction) % len(self.c_in)](cond)                # (B, H)
         if drop is not None:
             c = torch.where(drop[:, None], self.null_cond.expand_as(c), c)
+        return c, self.cond_mlp(c)                                            # (B, H), (B, I)
+
+    def forward(self, x_t, t, cond, direction: int):
+        """x_t (B, D_target), t (B,) int or one int for every row, cond = condition(...) -> (B, D_target).
+        A sampler computes the condition's part once for all its steps."""
+        c, c_emb = cond
         emb = self.time_mlp(self.time_features[t].to(x_t.dtype))             # (B, I), or (I,) for one t
         if self.dir_emb is not None:
             emb = emb + self.dir_emb.weight[direction]
-        emb = emb + self.cond_mlp(c)                                          # (B, I)
-        h = layer(self.x_in, direction)(x_t) + c                              # (B, H)
+        emb = emb + c_emb                                                     # (B, I)
+        h = self.x_in[direction % len(self.x_in)](x_t) + c                    # (B, H)
         for block in self.blocks:
             h = block(h, emb)
-        return layer(self.out, direction)(self.norm_out(h))                   # (B, D_target)
+        return self.out[direction % len(self.out)](self.norm_out(h))          # (B, D_target)
 
 
 # 3. Diffusion: embedding scaling, training loss, samplers --------------------------------------
@@ -242,7 +243,7 @@ class DiffGAP(nn.Module):
         sa = self.sqrt_alpha_bar.to(t.device)[t][:, None].to(x0.dtype)         # (B, 1)
         so = self.sqrt_one_minus_alpha_bar.to(t.device)[t][:, None].to(x0.dtype)
         x_t = sa * x0 + so * eps                                   # q(x_t | x0), Ho et al. eq. 4
-        pred = self.net(x_t, t, c, direction, drop)
+        pred = self.net(x_t, t, self.net.condition(c, direction, drop), direction)
         target_of = {"eps": eps, "x0": x0, "v": sa * eps - so * x0}  # v: Salimans & Ho 2022
         return F.mse_loss(pred, target_of[self.config.objective])
 
@@ -260,14 +261,12 @@ class DiffGAP(nn.Module):
         return torch.add(sa * x_t, out, alpha=-so)              # v: x0 = sa x_t - so v
 
     @staticmethod
-    def _predict(net, x_t, t: int, c, direction: int, guidance: float):
-        """The network's output at timestep t; with guidance != 1 classifier-free guided (Ho &
-        Salimans 2022), both passes in one batch whose second half has the condition dropped."""
+    def _predict(net, x_t, t: int, cond, direction: int, guidance: float):
+        """The network's output at timestep t; with guidance != 1 classifier-free guided (Ho & Salimans
+        2022): cond holds the conditional rows, then the null ones, and both passes run as one batch."""
         if guidance == 1.0:
-            return net(x_t, t, c, direction)
-        n = x_t.shape[0]
-        both = net(x_t.repeat(2, 1), t, c.repeat(2, 1), direction, torch.arange(2 * n, device=x_t.device) >= n)
-        pred_cond, pred_null = both.chunk(2)
+            return net(x_t, t, cond, direction)
+        pred_cond, pred_null = net(x_t.repeat(2, 1), t, cond, direction).chunk(2)
         return torch.lerp(pred_null, pred_cond, guidance)   # pred_null + s (pred_cond - pred_null)
 
     @torch.no_grad()
@@ -288,9 +287,12 @@ class DiffGAP(nn.Module):
         c = self.to_diffusion(cond.to(self.mean_a.device, self.mean_a.dtype), 1 - direction)
         dim = (self.config.dim_a, self.config.dim_b)[direction]
         x = torch.randn(c.shape[0], dim, generator=generator, device=c.device, dtype=c.dtype)  # x_{T-1}
+        n = c.shape[0]   # with guidance, the condition's rows, then the same rows dropped (the null condition)
+        cond = net.condition(c, direction) if guidance == 1.0 else \
+            net.condition(c.repeat(2, 1), direction, torch.arange(2 * n, device=c.device) >= n)
         ts = ddim_timesteps(self.config.timesteps, steps)
         for i, t in enumerate(ts):
-            x0 = self._x0(self._predict(net, x, t, c, direction, guidance), x, t)
+            x0 = self._x0(self._predict(net, x, t, cond, direction, guidance), x, t)
             if project:
                 x0 = self.onto_sphere(x0, direction)
             ab = float(self.alpha_bar[t])

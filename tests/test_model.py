@@ -69,9 +69,9 @@ def test_loss_is_the_mse_of_the_objective_at_x_t(objective, direction):
     ab = model.alpha_bar.double()[t][:, None]
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
     want = {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[objective]
-    pred = model.net(x_t, t, c, direction, drop)
+    pred = model.net(x_t, t, model.net.condition(c, direction, drop), direction)
     assert torch.allclose(model.loss(target, cond, direction, t, eps, drop), ((pred - want) ** 2).mean(), rtol=1e-6)
-    assert not torch.allclose(pred, model.net(x_t, t, c, direction))   # the mask is used
+    assert not torch.allclose(pred, model.net(x_t, t, model.net.condition(c, direction), direction))   # the mask is used
 
 
 def test_kernels_setting_routes_the_hidden_step(monkeypatch):

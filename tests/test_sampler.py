@@ -16,7 +16,7 @@ def tiny_config(**kw):
 
 def use_denoiser(model, denoise):
     """Replace the network by denoise(x_t, t, cond, direction), e.g. an oracle (the models here have no EMA)."""
-    model.net.forward = lambda x_t, t, cond, direction, drop=None: denoise(x_t, t, cond, direction)
+    model.net.forward = lambda x_t, t, cond, direction: denoise(x_t, t, cond, direction)
 
 
 def oracle_for(model, x0, objective):
@@ -81,14 +81,15 @@ def test_classifier_free_guidance():
             p.normal_(0, 0.3)
     x, c = torch.randn(5, 16), torch.randn(5, 16)
     t = torch.full((5,), 400)
-    cond_pred = model.net(x, t, c, 0)
-    null_pred = model.net(x, t, c, 0, torch.ones(5, dtype=torch.bool))
+    net = lambda drop=None: model.net(x, t, model.net.condition(c, 0, drop), 0)
+    cond_pred, null_pred = net(), net(torch.ones(5, dtype=torch.bool))
     assert not torch.allclose(cond_pred, null_pred)
-    predict = lambda s: model._predict(model.net, x, 400, c, 0, s)
-    assert torch.allclose(predict(1.0), cond_pred)
-    assert torch.allclose(predict(3.0), null_pred + 3.0 * (cond_pred - null_pred), atol=1e-5)
+    assert torch.allclose(model._predict(model.net, x, 400, model.net.condition(c, 0), 0, 1.0), cond_pred)
+    both = model.net.condition(c.repeat(2, 1), 0, torch.arange(10) >= 5)     # as the sampler builds it
+    assert torch.allclose(model._predict(model.net, x, 400, both, 0, 3.0), null_pred + 3.0 * (cond_pred - null_pred),
+                          atol=1e-5)
     # dropping only some rows leaves the others' predictions unchanged
-    mixed = model.net(x, t, c, 0, torch.tensor([True, False, True, False, False]))
+    mixed = net(torch.tensor([True, False, True, False, False]))
     assert torch.allclose(mixed[1], cond_pred[1]) and torch.allclose(mixed[0], null_pred[0])
 
 
