@@ -136,13 +136,11 @@ def main(argv=None) -> int:
                                    f"K={args.num_samples} samples averaged, {ev.guidance_words(rank_g, gallery_g)}; "
                                    f"* the score {'chosen on validation' if args.score == 'auto' else 'asked for'}:",
                           chosen))
-    print(f"generation quality ({args.split} split, one sample per query, guidance {args.guidance:g}):")
-    print(f"{'direction':<10}{'FD gen':>10}{'FD cond':>14}{'paired cos':>12}")
-    print("\n".join(quality))
+    print("\n".join([f"generation quality ({args.split} split, one sample per query, guidance {args.guidance:g}):",
+                     f"{'direction':<10}{'FD gen':>10}{'FD cond':>14}{'paired cos':>12}", *quality]))
     print("FD gen / FD cond: Frechet distance of the generated / the raw condition embeddings to the real targets;"
-          "\npaired cos: mean cosine of a generated embedding and its true pair(s).")
-    if data.oracle is not None:
-        print("oracle: the synthetic generator's own likelihood ranking (a reference ceiling, not a model)")
+          "\npaired cos: mean cosine of a generated embedding and its true pair(s)." + (
+              "\noracle: the synthetic generator's own likelihood ranking (a reference ceiling, not a model)" if data.oracle else ""))
     if args.export_gallery:
         info = dict(checkpoint=path, data=data.spec, split=args.split, num_samples=args.num_samples, steps=args.steps,
                     sampler=args.sampler, eta=args.eta, guidance=rank_g, gallery_guidance=gallery_g, seed=args.seed)
