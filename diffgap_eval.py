@@ -442,7 +442,7 @@ def load_checkpoint(path: str, map_location="cpu", needs: tuple[str, ...] = ()) 
         raise ValueError(f"{path}: not a diffgap checkpoint: torch.load(weights_only=True) cannot read it (not a "
                          f"torch.save file of tensors and plain data); nothing in it was run") from None
     except Exception as e:  # a truncated or corrupt zip
-        raise unusable(reason(e)) from None
+        raise unusable(f"truncated or corrupt, {os.path.getsize(path):,} bytes: {reason(e)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise unusable("no config dict")
     if "run" not in ckpt:   # the earlier layout: run settings at the top level

@@ -87,12 +87,13 @@ def bench_topk(sizes: list, max_full_mb: float, queries=1000, D=512, k=10) -> No
         if queries * n * 4 / 2**20 <= max_full_mb:
             paths["full matrix"] = lambda: timed(lambda: kernels.cosine_topk_reference(q, g, k)[1])
         got = {}
-        for name, fn in paths.items():
+        for name, fn in paths.items():   # every path first, so each row has its ratio to faiss
             base = memory_mb(reset=True)
-            i, secs = got[name] = fn()
+            got[name] = (*fn(), memory_mb() - base)
+        for name, (i, secs, mb) in got.items():
             vs = f"{secs / got['faiss'][1]:9.2f}" if "faiss" in got else " " * 9
             same = str(torch.equal(i.long(), got["streaming"][0])) if name != "streaming" else ""
-            print(f"{n:>9} {name:<12} {secs:9.3f} {vs} {memory_mb() - base:14.0f} {same:>13}", flush=True)
+            print(f"{n:>9} {name:<12} {secs:9.3f} {vs} {mb:14.0f} {same:>13}", flush=True)
 
 
 if __name__ == "__main__":

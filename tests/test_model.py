@@ -6,6 +6,7 @@ import sys
 import textwrap
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,6 +123,39 @@ def test_adapters_when_dims_differ():
     assert len(shared.net.x_in) == 1
 
 
+@pytest.mark.parametrize("direction", [0, 1])
+def test_the_denoiser_computes_its_documented_function(direction):
+    """The network, written out in plain ops from its docstrings: a changed activation, sign or layer fails."""
+    torch.manual_seed(0)
+    model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=6, dim_b=10, hidden=12, inner=8, depth=2, time_dim=4))
+    net = model.net
+    for block in net.blocks:   # blocks start as the identity (fc2 = 0): give them something to compute
+        torch.nn.init.normal_(block.fc2.weight)
+        torch.nn.init.normal_(block.fc2.bias)
+    dims = (6, 10)
+    x_t, cond = torch.randn(5, dims[direction]), torch.randn(5, dims[1 - direction])
+    t, drop = torch.tensor([0, 1, 250, 998, 999]), torch.tensor([False, True, False, False, True])
+    lin, silu = torch.nn.functional.linear, torch.nn.functional.silu
+
+    def ln(m, h):
+        return torch.nn.functional.layer_norm(h, (h.shape[-1],), m.weight, m.bias, m.eps)
+
+    freqs = 10000.0 ** (-torch.arange(2.0) / 2)                              # time_dim / 2 frequencies
+    features = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=1)
+    c = lin(cond, net.c_in[1 - direction].weight, net.c_in[1 - direction].bias)
+    c = torch.where(drop[:, None], net.null_cond, c)
+    emb = lin(silu(lin(features, net.time_mlp[0].weight, net.time_mlp[0].bias)),
+              net.time_mlp[2].weight, net.time_mlp[2].bias)
+    emb = emb + net.dir_emb.weight[direction] + lin(silu(c), net.cond_mlp[1].weight, net.cond_mlp[1].bias)
+    h = lin(x_t, net.x_in[direction].weight, net.x_in[direction].bias) + c
+    for b in net.blocks:
+        h = h + lin(silu(lin(ln(b.norm, h), b.fc1.weight, b.fc1.bias) + emb), b.fc2.weight, b.fc2.bias)
+    expected = lin(ln(net.norm_out, h), net.out[direction].weight, net.out[direction].bias)
+    with torch.no_grad():
+        got = net(x_t, t, net.condition(cond, direction, drop), direction)
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_direction_embedding_can_be_switched_off():
     on = dg.DiffGAP(dg.DiffGAPConfig(hidden=32, inner=16, depth=1, dim_a=8, dim_b=8))
     off = dg.DiffGAP(dg.DiffGAPConfig(hidden=32, inner=16, depth=1, dim_a=8, dim_b=8, direction_embedding=False))
@@ -172,13 +206,16 @@ def test_a_pickle_or_junk_checkpoint_is_one_line_without_warnings(tmp_path):
         assert "False" not in str(e.value)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage", "missing"])
 def test_bad_checkpoint_is_reported(tmp_path, damage):
     path = str(tmp_path / "ckpt.pt")
     ev.save_checkpoint(path, dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, depth=1)))
-    if damage == "truncate":
+    if damage in ("truncate", "empty"):
         with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
+            f.truncate(os.path.getsize(path) // 2 if damage == "truncate" else 0)
+        with pytest.raises(ValueError, match=r"ckpt\.pt: not a usable diffgap checkpoint \(truncated or corrupt, "
+                           + ("0 bytes" if damage == "empty" else r"[\d,]+ bytes")):
+            ev.load_checkpoint(path)
     elif damage == "garbage":
         torch.save({"config": {"dim_a": 8}, "model": {"nope": torch.zeros(1)}}, path)
     else:
@@ -235,3 +272,4 @@ def test_every_config_value_that_can_train_is_accepted():
     dg.DiffGAPConfig(p_uncond=0.0, ema_decay=0.0, time_dim=2, timesteps=1, switch_every=1, depth=1,
                      direction_embedding=False)
     dg.DiffGAPConfig(p_uncond=0, ema_decay=0.5)
+    dg.DiffGAPConfig(p_uncond=np.float64(0.1), ema_decay=np.float32(0.99))   # numpy's scalars, as read from arrays

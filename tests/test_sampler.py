@@ -99,6 +99,12 @@ def test_guidance_refused_without_condition_dropout():
         model.sample(torch.randn(2, 16), 0, guidance=2.0)
 
 
+@pytest.mark.parametrize("kw", [dict(eta=-1.0), dict(eta=float("nan")), dict(sampler="euler")])
+def test_a_sampler_setting_outside_ddim_and_ddpm_is_refused(kw):
+    with pytest.raises(ValueError, match="use 'ddim' or 'ddpm' and eta >= 0"):
+        dg.DiffGAP(tiny_config()).sample(torch.randn(2, 16), 0, **kw)
+
+
 # -- every step of every sampler against closed forms on Gaussian data ------------------------------
 # For data x0 ~ N(mu, s^2 I) the exact denoiser is closed form at every t: with x_t = sa x0 + so eps
 # (sa^2 = alpha_bar_t, so^2 = 1 - alpha_bar_t), x_t ~ N(sa mu, v_t I), v_t = sa^2 s^2 + so^2, and
