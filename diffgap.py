@@ -48,6 +48,7 @@ class DiffGAPConfig:
     direction_embedding: bool = True  # a learned direction vector (False: the paper's shared net)
     switch_every: int = 500          # m: swap condition and target every m steps (paper: 5000 of ~94k)
     ema_decay: float = 0.999         # EMA of the weights used for sampling; 0 turns EMA off
+    shrink: bool = True              # fit translate()'s pull toward the condition on validation (False: the paper's)
 
     def __post_init__(self):
         """Refuse what cannot train (switch_every 0 would divide by zero at the first step)."""
@@ -59,7 +60,7 @@ class DiffGAPConfig:
                   "schedule": (lambda v: v in ("cosine", "linear"), "'cosine' or 'linear'"),
                   "objective": (lambda v: v in ("eps", "x0", "v"), "'eps', 'x0' or 'v'"),
                   "p_uncond": fraction, "ema_decay": fraction,
-                  "direction_embedding": (lambda v: type(v) is bool, "True or False")}
+                  **dict.fromkeys(("direction_embedding", "shrink"), (lambda v: type(v) is bool, "True or False"))}
         for name, (ok, expected) in checks.items():
             if not ok(getattr(self, name)):
                 raise ValueError(f"DiffGAPConfig.{name} is {getattr(self, name)!r:.60}; expected {expected}")
@@ -194,6 +195,8 @@ class DiffGAP(nn.Module):
         # mean unit embedding per modality, fitted on training data by fit_stats
         self.register_buffer("mean_a", torch.zeros(config.dim_a))
         self.register_buffer("mean_b", torch.zeros(config.dim_b))
+        # translate()'s lam of each direction (toward_condition): 1 until fitted on validation (diffgap_eval)
+        self.register_buffer("lam", torch.ones(2))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.net.parameters())
@@ -226,13 +229,6 @@ class DiffGAP(nn.Module):
         mean, scale = self._stats(modality)
         return F.normalize(x / scale + mean, dim=-1)
 
-    def onto_sphere(self, x: torch.Tensor, modality: int) -> torch.Tensor:
-        """to_diffusion(from_diffusion(x)) in two passes: with u = x + scale mean (normalize
-        ignores the positive factor 1 / scale), the result is u * (scale / |u|) - scale mean."""
-        mean, scale = self._stats(modality)
-        u = x + scale * mean                                                    # (B, D)
-        return torch.addcmul(-scale * mean, u, scale / u.norm(dim=-1, keepdim=True).clamp(min=1e-12))
-
     # -- training loss (Algorithm 1, lines 5-8; Ho et al. eq. 14) -------------------------------
     def loss(self, target: torch.Tensor, cond: torch.Tensor, direction: int, t: torch.Tensor, eps: torch.Tensor,
              drop: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,15 +256,6 @@ class DiffGAP(nn.Module):
             return out
         return torch.add(sa * x_t, out, alpha=-so)              # v: x0 = sa x_t - so v
 
-    @staticmethod
-    def _predict(net, x_t, t: int, cond, direction: int, guidance: float):
-        """The network's output at timestep t; with guidance != 1 classifier-free guided (Ho & Salimans
-        2022): cond holds the conditional rows, then the null ones, and both passes run as one batch."""
-        if guidance == 1.0:
-            return net(x_t, t, cond, direction)
-        pred_cond, pred_null = net(x_t.repeat(2, 1), t, cond, direction).chunk(2)
-        return torch.lerp(pred_null, pred_cond, guidance)   # pred_null + s (pred_cond - pred_null)
-
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, direction: int, steps: int = 5, sampler: str = "ddim",
                eta: float = 0.0, guidance: float = 1.0, generator=None, use_ema: bool = True,
@@ -292,9 +279,12 @@ class DiffGAP(nn.Module):
             net.condition(c.repeat(2, 1), direction, torch.arange(2 * n, device=c.device) >= n)
         ts = ddim_timesteps(self.config.timesteps, steps)
         for i, t in enumerate(ts):
-            x0 = self._x0(self._predict(net, x, t, cond, direction, guidance), x, t)
+            out = net(x if guidance == 1.0 else x.repeat(2, 1), t, cond, direction)
+            if guidance != 1.0:   # classifier-free guidance (Ho & Salimans 2022): null + s (cond - null), one batch
+                out = torch.lerp(*out.chunk(2)[::-1], guidance)
+            x0 = self._x0(out, x, t)
             if project:
-                x0 = self.onto_sphere(x0, direction)
+                x0 = self.to_diffusion(self.from_diffusion(x0, direction), direction)
             ab = float(self.alpha_bar[t])
             ab_prev = float(self.alpha_bar[ts[i + 1]]) if i + 1 < len(ts) else 1.0  # the last step lands on x0
             if sampler == "ddim":
@@ -330,12 +320,20 @@ class DiffGAP(nn.Module):
 
     @torch.no_grad()
     def translate(self, cond: torch.Tensor, direction: int, num_samples: int = 16, max_rows: int = 4096,
-                  **sample_kw) -> torch.Tensor:
-        """sample_many(...).mean(0) in bounded memory, (N, D_cond) -> (N, D_target): the posterior
-        mean E[target | cond], which ranks a gallery far better than one sample."""
+                  lam: float | None = None, **sample_kw) -> torch.Tensor:
+        """(N, D_cond) -> (N, D_target): the posterior mean E[target | cond], sample_many(...).mean(0) in
+        bounded memory, shrunk toward the condition by lam (None: self.lam[direction]; 1: not at all)."""
         n = max(1, max_rows // num_samples)
-        return torch.cat([self.sample_many(cond[i:i + n], direction, num_samples, max_rows, **sample_kw).mean(0)
+        mean = torch.cat([self.sample_many(cond[i:i + n], direction, num_samples, max_rows, **sample_kw).mean(0)
                           for i in range(0, cond.shape[0], n)])
+        lam = float(self.lam[direction]) if lam is None else lam
+        return mean if lam == 1 else self.toward_condition(mean, cond, direction, lam)
+
+    def toward_condition(self, x: torch.Tensor, cond: torch.Tensor, direction: int, lam: float) -> torch.Tensor:
+        """Translations x (N, D) of cond (N, D) -> from_diffusion(c + lam (x' - c)), (N, D) unit, c and x' their
+        diffusion coordinates; lam = 0: the condition moved by the modality gap's mean shift (contrastive, nearly)."""
+        c = self.to_diffusion(cond.to(x), 1 - direction)
+        return self.from_diffusion(torch.lerp(c, self.to_diffusion(x, direction), lam), direction)
 
     @torch.no_grad()
     def update_ema(self, step: int) -> None:

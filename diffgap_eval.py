@@ -125,12 +125,11 @@ def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10
 @torch.no_grad()
 def retrieval_metrics_from_embeddings(queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
                                       ks=(1, 5, 10), chunk: int = 8192, return_ranks: bool = False):
-    """retrieval_metrics(cosine_scores(queries, gallery), relevant) without the (Q, G) score matrix:
-    queries (Q, D), gallery (G, D), relevant as there; return_ranks also returns each query's
-    1-based rank of its best correct item, (Q,) int. The top 10 comes from kernels.cosine_topk
-    (Triton on CUDA, chunked torch elsewhere; ties to the lower index) and gives R@k (k <= 10)
-    and mAP@10; a query without a correct item in it is ranked past 10 by counting, over gallery
-    chunks, the items that beat its best correct item. A non-finite row is a ValueError."""
+    """retrieval_metrics(cosine_scores(queries, gallery), relevant) without the (Q, G) score matrix: queries (Q, D),
+    gallery (G, D), relevant as there; return_ranks also returns each query's 1-based rank of its best correct
+    item, (Q,) int. The top 10 comes from kernels.cosine_topk (Triton on CUDA, chunked torch elsewhere; ties to the
+    lower index) and gives R@k (k <= 10) and mAP@10; a query without a correct item in it is ranked past 10 by
+    counting, over gallery chunks, the items that beat its best correct item. A non-finite row is a ValueError."""
     Q, G = queries.shape[0], gallery.shape[0]
     relevant = _relevance(relevant, Q, G)
     check_finite(queries, "query")
@@ -200,9 +199,8 @@ def bootstrap_interval(values: torch.Tensor, resamples: int = 1000, level: float
     return lo.item(), hi.item()
 
 
-# The scores a gallery can be ranked by, simplest first: a tie on validation goes to the simpler
-# one. A blend weighs a learned score against contrastive: (1 - lam) cos(q, g) + lam learned(q, g);
-# BLEND_WEIGHTS is the grid of lam that `--score auto` tries.
+# The scores a gallery can be ranked by, simplest first: a tie on validation goes to the simpler one. A blend
+# weighs a learned score against contrastive, (1 - L) cos(q, g) + L learned(q, g); `--score auto` tries L in BLEND_WEIGHTS.
 BLEND_WEIGHTS = (0.25, 0.5, 0.75)
 
 
@@ -309,27 +307,24 @@ def choose_score(val_results: dict[str, dict]) -> str:
 
 def choice_reason(val_results: dict[str, dict], chosen: str) -> str:
     """Why choose_score chose `chosen`, in words for a table's legend (gains in R@1 points)."""
-    if "contrastive" not in val_results:
-        return "the best validation R@1 (no contrastive score: the dims differ)"
     learned = {n: m for n, m in val_results.items() if n != "contrastive"}
-    if not learned:
-        return "the only candidate"
+    if "contrastive" not in val_results or not learned:
+        return "the best validation R@1 (no contrastive score: the dims differ)" if learned else "the only candidate"
     best = chosen if chosen != "contrastive" else max(learned, key=lambda n: learned[n]["R@1"])
-    m, bound = learned[best], f"{100 * learned[best]['gain lo adjusted']:+.1f}"
+    m, bound = learned[best], f"adjusted lower bound {100 * learned[best]['gain lo adjusted']:+.1f}"
     if chosen != "contrastive":
-        return f"{100 * m['gain']:+.1f} over contrastive on validation, beyond noise (adjusted lower bound {bound} > 0 " \
-               f"with {len(learned)} candidates)"
-    return (f"no learned score's validation gain is beyond noise (best: {best} {100 * m['gain']:+.1f}, adjusted lower "
-            f"bound {bound} with {len(learned)} candidates)")
+        return f"{100 * m['gain']:+.1f} over contrastive on validation, beyond noise ({bound} > 0 with {len(learned)} candidates)"
+    return (f"no learned score's validation gain is beyond noise (best: {best} {100 * m['gain']:+.1f}, {bound} with "
+            f"{len(learned)} candidates)")
 
 
 # 3. Every row of a split translated both ways -------------------------------------------------
 
 def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, sampler: str = "ddim",
                     eta: float = 0.0, guidance: float = 1.0, seed: int = 0, gallery_guidance: float | None = None,
-                    name: str = "split", say=None) -> dict[str, torch.Tensor]:
+                    name: str = "split", say=None, lam: float | None = None) -> dict[str, torch.Tensor]:
     """{"b2a": (N_b, D_A), "a2b": (N_a, D_B)}: every row of a split translated into the other modality
-    (DiffGAP.translate) on the CPU, each direction from a generator seeded by (seed, direction); with
+    (DiffGAP.translate, lam as there) on the CPU, each direction from a generator seeded by (seed, direction); with
     a gallery_guidance other than guidance also "b2a_gallery", "a2b_gallery" at that guidance, for
     two-way's gallery side. say(line) reports progress (None: silent)."""
     a, b = (x[:] if isinstance(x, embed_cache.Rows) else x for x in (split.a, split.b))   # a memmap read once
@@ -341,11 +336,31 @@ def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, 
         for direction, x in enumerate(rows):
             g = torch.Generator(device=device).manual_seed(dg.derived_seed(seed, "translate", direction))
             out[DIRECTION_CHOICES[1 + direction] + suffix] = model.translate(
-                x, direction, num_samples, steps=steps, sampler=sampler, eta=eta, guidance=scale, generator=g).cpu()
+                x, direction, num_samples, steps=steps, sampler=sampler, eta=eta, guidance=scale, generator=g, lam=lam).cpu()
     if say:
         again = f" and again at {gallery_guidance:g} for two-way galleries" if len(scales) > 1 else ""
         say(f"{name} split translated in {time.perf_counter() - t0:.1f} s (K={num_samples} samples for each of "
             f"{len(a) + len(b)} rows, {steps} {sampler} steps, guidance {guidance:g}{again}: {samples:,} samples)")
+    return out
+
+
+# lam: translate()'s weight on the posterior mean against its condition; the first of equal R@1 wins
+SHRINK_GRID = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+def fit_shrinkage(model: dg.DiffGAP, split, num_samples: int, **translate_kw) -> dict[str, torch.Tensor]:
+    """translate_split(model, split, num_samples, lam=1, **translate_kw), model.lam of each direction set to the
+    SHRINK_GRID value with the best diffgap R@1 on it (a validation split; lam stays 1 if D_A != D_B), and
+    those translations shrunk as translate() now gives them."""
+    out = translate_split(model, split, num_samples, lam=1.0, **translate_kw)
+    for d in (0, 1) if model.config.dim_a == model.config.dim_b else ():
+        q, g, rel = split.retrieval(d)
+        r1 = {lam: retrieval_metrics_from_embeddings(model.toward_condition(out[DIRECTION_CHOICES[1 + d]], q, d, lam),
+                                                     g, rel)["R@1"] for lam in SHRINK_GRID}
+        model.lam[d] = max(r1, key=r1.get)
+    for key, x in out.items() if model.config.dim_a == model.config.dim_b else ():
+        d = 0 if key.startswith("b2a") else 1   # "b2a...": the split's B rows translated in direction 0
+        out[key] = model.toward_condition(x, split.retrieval(d)[0], d, float(model.lam[d]))
     return out
 
 
@@ -406,9 +421,8 @@ def export_gallery(folder: str, split, direction: int, score: str, translations:
 # 5. Checkpoints: {"config", "model", "step", "optimizer", "run"}, plain tensors and Python types -
 
 _count = lambda v, lo: type(v) is int and v >= lo
-# What train.py keeps in a checkpoint's "run" entry and what each value must be. A checkpoint is
-# user input (hand-edited, written by other code): a wrong entry is one line naming the file here,
-# not a KeyError or TypeError deep inside a command.
+# What train.py keeps in a checkpoint's "run" entry and what each value must be. A checkpoint is user input
+# (hand-edited, written by other code): a wrong entry is one line naming the file, not a KeyError deep inside.
 RUN_ENTRIES = {
     "pair": (lambda v: v in PAIRS, " or ".join(PAIRS)),
     "data": (lambda v: isinstance(v, str) and v != "", "a data spec (a non-empty string)"),
@@ -449,6 +463,9 @@ def load_checkpoint(path: str, map_location="cpu", needs: tuple[str, ...] = ()) 
         ckpt["run"] = {k: ckpt.pop(k) for k in list(ckpt) if k in RUN_ENTRIES}
         ckpt.pop("compile", None)
         ckpt["config"].pop("center", None)   # always on now; off meant zero means, which load as such
+    if isinstance(ckpt.get("model"), dict) and "lam" not in ckpt["model"]:   # written before the fitted shrinkage
+        ckpt["config"].setdefault("shrink", False)
+        ckpt["model"]["lam"] = torch.ones(2)
     try:
         model = DiffGAP(DiffGAPConfig(**ckpt["config"]))
     except (TypeError, ValueError) as e:   # an unknown field, or a value that cannot train
@@ -493,14 +510,19 @@ class ArgParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def number(kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
-    """An argparse type: a finite `kind` (int or float) in lo..hi (embed_cache.base.number)."""
-    def parse(text: str):
+def arg_type(parse):
+    """An argparse type from parse(text): its ValueError's message is the option's one-line error."""
+    def checked(text: str):
         try:
-            return embed_cache.base.number(text, kind, lo, hi, lo_open, hi_open)
+            return parse(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-    return parse
+    return checked
+
+
+def number(kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    """An argparse type: a finite `kind` (int or float) in lo..hi (embed_cache.base.number)."""
+    return arg_type(lambda text: embed_cache.base.number(text, kind, lo, hi, lo_open, hi_open))
 
 
 def set_kernels(name: str, device: torch.device) -> None:

@@ -33,8 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--gallery-guidance", type=number(float), default=ev.GALLERY_GUIDANCE,
                    help=f"guidance scale of the gallery side of the two-way scores (default {ev.GALLERY_GUIDANCE:g})")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged for the diffgap score")
-    p.add_argument("--score", type=score_name, default="auto", help="the score to mark and export: auto (per "
-                   "direction, chosen on validation) or a name: contrastive, diffgap, two-way, blend-L, two-way-blend-L")
+    p.add_argument("--score", type=ev.arg_type(lambda t: t if t == "auto" else ev.parse_score(t) and t),  # or raises
+                   default="auto", help="the score to mark and export: auto (per direction, chosen on validation) or "
+                   "a name: contrastive, diffgap, two-way, blend-L, two-way-blend-L")
     p.add_argument("--export-gallery", metavar="DIR", help="write the split's gallery vectors of the chosen score, "
                    "their ids and settings, for an inner-product index (queries: diffgap_eval.query_vectors)")
     p.add_argument("--direction", choices=ev.DIRECTION_CHOICES, default="both")
@@ -49,16 +50,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def score_name(text: str) -> str:
-    """An argparse type: auto or a score name that diffgap.parse_score accepts."""
-    if text != "auto":
-        try:
-            ev.parse_score(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:
     if args.direction == "both":
         raise ValueError("--cond needs --direction b2a (condition is video/text) or a2b (condition is audio)")
@@ -69,8 +60,8 @@ def generate_to_file(model: dg.DiffGAP, args, direction: int, device) -> None:
     if cond.shape[1] != want:
         raise ValueError(f"{args.cond}: condition dim {cond.shape[1]}, but the checkpoint expects {want}")
     g = torch.Generator(device=device).manual_seed(args.seed)
-    kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance, generator=g)
-    out = model.translate(cond.to(device), direction, args.num_samples, **kw)
+    kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance, generator=g, lam=1.0)
+    out = model.translate(cond.to(device), direction, args.num_samples, **kw)   # generation: the K-sample mean
     ev.save_npy(args.out, torch.nn.functional.normalize(out, dim=-1))
     print(f"wrote {args.out}: {tuple(out.shape)} unit-norm embeddings "
           f"(mean of {args.num_samples} samples, {args.steps} {args.sampler} steps)")
@@ -90,7 +81,6 @@ def main(argv=None) -> int:
     if args.cond:
         generate_to_file(model, args, directions[0], device)
         return 0
-
     data = embed_cache.load(args.data or ckpt["run"]["data"], ckpt["run"]["pair"])
     ev.check_dims(data, model)
     names = ev.score_names(data.dims[0] == data.dims[1])
@@ -98,7 +88,7 @@ def main(argv=None) -> int:
         if data.dims[0] != data.dims[1]:
             raise ValueError(f"--score {args.score}: with dims {data.dims[0]}/{data.dims[1]} use one of {', '.join(names)}")
         names.append(args.score)
-    print(f"checkpoint {path} (step {ckpt['step']}); {data.summary()}")
+    print(f"checkpoint {path} (step {ckpt['step']}, translation shrinkage lam {model.lam[0]:g} B->A, {model.lam[1]:g} A->B); {data.summary()}")
     rank_g, gallery_g = ev.rank_guidance(model, args.rank_guidance), ev.rank_guidance(model, args.gallery_guidance)
     kw = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=rank_g, seed=args.seed,
               gallery_guidance=gallery_g)

@@ -34,7 +34,7 @@ from diffgap_eval import ArgParser, number
 # "run" entry) and the model's (its config). A resumed run keeps the checkpoint's values and
 # refuses a different one given on the command line: it would not be the same run any more.
 RUN_DEFAULTS = dict(data="synthetic", batch_size=64, lr=1e-3, seed=0, direction="both")
-MODEL_OPTIONS = ("objective", "schedule", "p_uncond", "ema_decay", "switch_every", "direction_embedding")
+MODEL_OPTIONS = ("objective", "schedule", "p_uncond", "ema_decay", "switch_every", "direction_embedding", "shrink")
 
 
 def parse_args(argv=None):
@@ -57,8 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--gallery-guidance", type=number(float), default=ev.GALLERY_GUIDANCE, help="of two-way's gallery side")
     p.add_argument("--ema-decay", type=number(float, 0, 1, hi_open=True), help="in [0, 1), default 0.999; 0 turns EMA off")
     p.add_argument("--no-direction-embedding", dest="direction_embedding", action="store_const", const=False)
+    p.add_argument("--no-shrink", dest="shrink", action="store_const", const=False, help="the paper's translation")
     p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged in the final evaluation")
-    p.add_argument("--no-eval", action="store_true", help="skip the validation table at the end")
+    p.add_argument("--no-eval", action="store_true", help="skip the validation table at the end (not the fit of lam)")
     p.add_argument("--out", default="runs", help="checkpoints go to OUT/<pair>/ckpt.pt")
     p.add_argument("--resume", nargs="?", const="auto", help="continue OUT/<pair>/ckpt.pt (or this file) with its settings")
     p.add_argument("--save-every-min", type=number(float, 0, lo_open=True), default=10.0, help="besides epoch ends")
@@ -77,7 +78,7 @@ def settle_run_options(args, ckpt) -> None:
     for name in list(RUN_DEFAULTS) + list(MODEL_OPTIONS):
         given = getattr(args, name)
         if ckpt is not None and given is not None and given != kept[name]:
-            option = "--no-direction-embedding" if name == "direction_embedding" else "--" + name.replace("_", "-")
+            option = ("--no-" if name in ("direction_embedding", "shrink") else "--") + name.replace("_", "-")
             raise ValueError(f"{option} {given} differs from the checkpoint's {kept[name]}: a resumed run keeps its settings")
         setattr(args, name, kept[name] if given is None else given)
     args.epochs_given = args.epochs is not None
@@ -131,7 +132,6 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)   # rank 0 alone prints, saves and evaluates
     ev.set_kernels(args.kernels, device)
     ckpt_path = os.path.join(args.out, args.pair, "ckpt.pt")
-
     ckpt = None
     if args.resume:
         resume_path = ckpt_path if args.resume == "auto" else args.resume
@@ -163,7 +163,6 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
         except (ValueError, KeyError, TypeError) as e:   # another model's state, or a damaged one
             raise ValueError(f"{resume_path}: its optimizer state does not fit the model ({ev.reason(e)})") from None
         start_step = ckpt["step"]
-
     args.epochs, why = training_length(args, per_epoch)
     total = args.epochs * per_epoch
     say(data.summary())
@@ -172,7 +171,6 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     say(f"model: {model.num_params():,} parameters ({model.num_params() * 4 / 1e6:.2f} MB fp32), "
         f"objective {model.config.objective}, {model.config.schedule} schedule, T={model.config.timesteps}, "
         f"switch every {model.config.switch_every} steps")
-
     saved = {"step": None}   # the last step written to ckpt_path by this run
 
     def diverged(why: str) -> ValueError:
@@ -245,14 +243,19 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     say(f"saved {ckpt_path} at step {step}")
     if world > 1:
         torch.distributed.barrier()   # the checkpoint is complete before any rank leaves
-    if args.no_eval or rank != 0:
+    fit = model.config.shrink and model.config.dim_a == model.config.dim_b
+    if rank != 0 or (args.no_eval and not fit):
         return 0
-
     model.eval()
     val, guidance = data.splits["val"], ev.rank_guidance(model, args.rank_guidance)
     gallery_guidance = ev.rank_guidance(model, args.gallery_guidance)
-    translations = ev.translate_split(model, val, args.num_samples, guidance=guidance, gallery_guidance=gallery_guidance,
-                                      name="validation", say=print)
+    translations = (ev.fit_shrinkage if fit else ev.translate_split)(
+        model, val, args.num_samples, guidance=guidance, gallery_guidance=gallery_guidance, name="validation", say=print)
+    if fit:
+        save(step)
+        say(f"translation shrinkage fitted on validation and saved: lam {model.lam[0]:g} B->A, {model.lam[1]:g} A->B")
+    if args.no_eval:
+        return 0
     results, chosen = {}, {}
     for d in (0, 1):
         every = ev.split_scores(val, d, translations)

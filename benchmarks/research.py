@@ -36,9 +36,10 @@ import embed_cache  # noqa: E402
 from baselines import MLPBaseline, fit_plugin, fit_ridge, ridge_predict  # noqa: E402
 
 DIRS = ev.DIRECTIONS
-REGIMES = {"default": "", "aligned": "preset=aligned", "multimodal": "preset=multimodal"}   # synthetic options
-METHODS = ["contrastive", "ridge", "ridge two-way", "mlp", "mlp two-way", "plug-in", "diffgap", "two-way", "auto",
-           "oracle"]
+REGIMES = {"default": "", "aligned": "preset=aligned", "multimodal": "preset=multimodal",   # synthetic options
+           "aligned-250": "preset=aligned,n_train=250", "aligned-1000": "preset=aligned,n_train=1000"}
+METHODS = ["contrastive", "ridge", "ridge two-way", "mlp", "mlp two-way", "plug-in", "diffgap, lam 1", "diffgap",
+           "two-way", "auto", "oracle"]
 QUICK, QUICK_STEPS = "n_train=600,n_val=100,n_test=100", 40   # --quick: this data, steps, K = 4, <= 2 seeds
 PAPER_M = {"1000": 1000 / 94000, "5000": 5000 / 94000, "10000": 10000 / 94000}   # m as a fraction of the run
 STEP_SWEEP, K_SWEEP, BLEND_SWEEP, GUIDANCE_SWEEP = (50, 20, 5, 2, 1), (1, 4, 16), (0, 0.25, 0.5, 0.75, 1), (1, 2, 4)
@@ -90,7 +91,7 @@ def synthetic(*options) -> str:
 
 def paper(steps: int, m: float = PAPER_M["5000"], **config) -> dict:
     """The paper's settings as DiffGAPConfig fields: no condition dropout, switching every m of the run."""
-    return {"p_uncond": 0.0, "switch_every": max(1, round(m * steps)), **config}
+    return {"p_uncond": 0.0, "switch_every": max(1, round(m * steps)), "shrink": False, **config}
 
 
 def train(job: Job, data, mlp: bool = False, **config) -> dg.DiffGAP:
@@ -130,12 +131,16 @@ def dense_metrics(scores: torch.Tensor, rel: torch.Tensor) -> dict:
 def retrieval(job: Job, data, model, mlp) -> list[tuple]:
     """Every score (as sample.py scores) and baseline on the test split both ways: records (NAME PAIR,
     D METHOD, metric, value), FD and paired cos of one sample (guidance 1) or prediction per query."""
-    tr, val, test = (data.splits[s] for s in ("train", "val", "test"))
+    tr, val, test, out = *(data.splits[s] for s in ("train", "val", "test")), []
     kw = dict(num_samples=job.K, guidance=ev.rank_guidance(model, ev.RANK_GUIDANCE),
               gallery_guidance=ev.rank_guidance(model, ev.GALLERY_GUIDANCE), seed=job.seed)
-    translations = {s: ev.translate_split(model, data.splits[s], **kw)   # validation: for auto's choice
-                    for s in (("test", "val") if job.mode == "regimes" else ("test",))}
-    ridges, out = {d: fit_ridge(model, tr, val, d)[0] for d in (0, 1)}, []
+    translations = {}
+    if job.mode == "regimes" or model.config.shrink:   # validation: lam, then auto's choice, as train.py and sample.py
+        translations["val"] = (ev.fit_shrinkage if model.config.shrink else ev.translate_split)(model, val, **kw)
+        out.extend((f"{job.name} {job.pair}", f"{DIRS[d]} diffgap", "lam", float(model.lam[d])) for d in (0, 1))
+    translations["test"] = ev.translate_split(model, test, **kw)
+    unshrunk = ev.translate_split(model, test, lam=1.0, **kw)   # beside the default: the paper's translation
+    ridges = {d: fit_ridge(model, tr, val, d)[0] for d in (0, 1)}
     for d in (0, 1):
         q, g, rel = test.retrieval(d)
         gen = lambda x: {} if x is None else {"FD": ev.frechet_distance(x, g),
@@ -145,6 +150,7 @@ def retrieval(job: Job, data, model, mlp) -> list[tuple]:
         scores = ev.split_scores(test, d, translations["test"])
         add("contrastive", scores["contrastive"], q)
         add("diffgap", scores["diffgap"], sample(model, q, d, 1, job.seed)[0])   # FD: of one sample, guidance 1
+        add("diffgap, lam 1", ev.split_scores(test, d, unshrunk, ["contrastive", "diffgap"])["diffgap"])
         add("diffgap blend", scores["blend-0.5"])   # a blend: equal weights of the two cosines
         add("diffgap two-way", scores["two-way"])
         for name, reg_q, reg_g in (("ridge", ridge_predict(model, ridges[d], q, d),
@@ -301,7 +307,8 @@ def regimes_report(cells: dict, args, minutes: float) -> str:
             pair, d = col.split()
             get = lambda key: cells.get((f"{r} {pair}", f"{d} {method}", key), [None])[0]
             return (f"{get('R@1'):.1f} [{get('R@1 lo'):.1f}, {get('R@1 hi'):.1f}]" + (f", FD {get('FD'):.3f}" if
-                    get("FD") is not None else "") + (f" ({get('chosen')})" if get("chosen") else ""))
+                    get("FD") is not None else "") + (f" ({get('chosen')})" if get("chosen") else "") +
+                    (f" (lam {get('lam'):g})" if get("lam") is not None else ""))
         lines += [f"## {r} (`{synthetic(REGIMES[r])}`)", "",
                   *markdown("method", rows, [f"{p} {d}" for p in sorted(args.pairs) for d in DIRS.values()], cell), ""]
     return "\n".join(lines)

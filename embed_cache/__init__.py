@@ -19,8 +19,7 @@ def _load_synthetic(opts: dict, pair: str, spec: str) -> Dataset:
         raise DataError(f"{spec}: {e}") from None
 
 
-LOADERS = {"synthetic": _load_synthetic, "arrays": load_arrays, "clap": load_clap, "cavp": load_cavp,
-           "dirs": load_dirs}
+LOADERS = {"synthetic": _load_synthetic, "arrays": load_arrays, "clap": load_clap, "cavp": load_cavp, "dirs": load_dirs}
 
 
 def _number(kind, lo, hi=math.inf, hi_open=False, auto=False):   # auto: "auto" is a value too
@@ -38,17 +37,15 @@ def _flag(text: str) -> bool:
 _FRACTION = _number(float, 0, 1, hi_open=True)
 _SPLIT = {"val": _FRACTION, "test": _FRACTION, "drop_bad": _flag, "drop_unpaired": _flag}
 _IDS = dict.fromkeys(("ids", "id_col", "split_col"), str)
-OPTIONS = {
-    "synthetic": {f.name: {int: _number(int, 0 if f.name == "seed" else 1), float: _number(float, 0), str: str}
-                  [type(f.default)] for f in fields(SyntheticConfig)},   # counts >= 1, energies >= 0
-    "arrays": {**dict.fromkeys(("file", "a", "b", "a_key", "b_key", "a_ids", "b_ids"), str),
-               "per_a": _number(int, 1, auto=True), **_IDS, **_SPLIT},
-    "clap": {**dict.fromkeys(("audio", "text", "audio_key", "text_key", "audio_ids", "text_ids"), str),
-             "per_audio": _number(int, 1, auto=True), **_IDS, **_SPLIT},
-    "cavp": {**dict.fromkeys(("video", "audio", "lists", "key"), str), "pool": parse_pool, "fps": _number(int, 1),
-             "val": _FRACTION, "drop_bad": _flag, "drop_unpaired": _flag},
-    "dirs": {**dict.fromkeys(("a", "b", "key"), str), "pool": parse_pool, "fps": _number(int, 1), **_SPLIT},
-}
+OPTIONS = {"synthetic": {f.name: {int: _number(int, 0 if f.name == "seed" else 1), float: _number(float, 0), str: str}
+                        [type(f.default)] for f in fields(SyntheticConfig)},   # counts >= 1, energies >= 0
+           "arrays": {**dict.fromkeys(("file", "a", "b", "a_key", "b_key", "a_ids", "b_ids"), str),
+                      "per_a": _number(int, 1, auto=True), **_IDS, **_SPLIT},
+           "clap": {**dict.fromkeys(("audio", "text", "audio_key", "text_key", "audio_ids", "text_ids"), str),
+                    "per_audio": _number(int, 1, auto=True), **_IDS, **_SPLIT},
+           "cavp": {**dict.fromkeys(("video", "audio", "lists", "key"), str), "pool": parse_pool,
+                    "fps": _number(int, 1), "val": _FRACTION, "drop_bad": _flag, "drop_unpaired": _flag},
+           "dirs": {**dict.fromkeys(("a", "b", "key"), str), "pool": parse_pool, "fps": _number(int, 1), **_SPLIT}}
 
 
 def parse_options(name: str, opts: dict, spec: str) -> dict:

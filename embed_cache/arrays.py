@@ -1,6 +1,5 @@
-"""The "arrays" and "clap" formats (paired .npy / .npz / .pt files), and the reading, checks, pairing
-and splitting that every loader of files shares. A file that cannot be used is one DataError line
-naming it; .npy files over LAZY_BYTES are memory-mapped, never read whole."""
+"""The "arrays" and "clap" formats (paired .npy / .npz / .pt files), and the reading, checks, pairing and
+splitting that every loader of files shares; .npy files over LAZY_BYTES are memory-mapped, never read whole."""
 from __future__ import annotations
 
 import csv
@@ -67,7 +66,6 @@ def load_torch_file(path: str):
             warnings.simplefilter("ignore")
             with torch.serialization.safe_globals(list(allow)):
                 return torch.load(path, map_location="cpu", weights_only=True)
-
     rebuild, scalar = np.zeros(1).__reduce__()[0], np.float32(0).__reduce__()[0]
     dtypes = sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgSU"}, key=lambda t: t.__name__)
     plain = (rebuild, scalar, np.ndarray, np.dtype, *dtypes)
@@ -150,8 +148,7 @@ def read_one(path: str, key: Optional[str]) -> Source:
 
 
 def read_ids(path: str, column: Optional[str] = None) -> tuple[list[str], dict[str, list[str]]]:
-    """(ids, every column) from a .txt (an id per line), .csv (column, default the first) or .json
-    file (a list of ids, a list of objects or an object of equal-length lists)."""
+    """(ids, every column) from a .txt (an id per line), .csv (column, default the first) or .json file."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     try:
@@ -271,7 +268,6 @@ def linked_items(n_items: int, *sides: tuple[np.ndarray, np.ndarray]) -> np.ndar
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
-
     for digests, item in sides:
         inv = np.unique(digests, axis=0, return_inverse=True)[1].reshape(-1)
         order = np.argsort(inv, kind="stable")
@@ -353,8 +349,7 @@ def split_items(ids: list[str], given: Optional[list], group: np.ndarray, val: f
 
 
 def assemble(pair: str, spec: str, a: Source, b: Source, opts: dict, b_to_a: Optional[np.ndarray] = None) -> Dataset:
-    """Check two sources, pair them (by b_to_a, ids, or row for row), split and normalise; opts as
-    load() parsed them (drop_bad, drop_unpaired, val, test)."""
+    """Check two sources, pair them (by b_to_a, ids or row for row), split and normalise; opts as load() parsed them."""
     drop_bad, drop_unpaired = opts.get("drop_bad", False), opts.get("drop_unpaired", False)
     val, test = opts.get("val", 0.1), opts.get("test", 0.1)
     notes, keep, digests = [], {}, {}

@@ -106,8 +106,7 @@ def fit_length(x: np.ndarray, n: int) -> np.ndarray:
 
 
 class LogMelEncoder:
-    """Mean and std over time of 64 log-mel bands through a fixed random projection to `dim`;
-    16 kHz, 5 s windows (a shorter clip is repeated to fill it)."""
+    """Mean and std over time of 64 log-mel bands through a fixed random projection to `dim`; 16 kHz, 5 s windows."""
     name, sample_rate, clip_seconds, has_text = "logmel", 16000, 5.0, False
 
     def __init__(self, dim: int = 512, n_fft: int = 512, hop: int = 256, n_mels: int = 64):
@@ -178,8 +177,7 @@ class LaionClapEncoder:
     default download; amodel: its audio tower (HTSAT-tiny: the 630k ones, HTSAT-base: music)."""
     has_text, sample_rate, clip_seconds = True, 48000, 10.0
 
-    def __init__(self, checkpoint: str | None, amodel: str = "HTSAT-tiny", fusion: bool = False,
-                 device: str = "auto"):
+    def __init__(self, checkpoint: str | None, amodel: str = "HTSAT-tiny", fusion: bool = False, device: str = "auto"):
         if checkpoint is not None and not os.path.isfile(checkpoint):
             raise DataError(f"--checkpoint {checkpoint}: no such file (a LAION-CLAP .pt; leave it out to let "
                             f"laion_clap download its default)")
@@ -207,8 +205,7 @@ class LaionClapEncoder:
 
 # -- captions ---------------------------------------------------------------------------------
 def _records(path: str) -> tuple[list[dict], list[str], str]:
-    """(rows as dicts, column names, how a row is named in messages) of a CSV or JSON caption file;
-    JSON: a list of objects, {"data": [objects]} (WavCaps) or {id: caption(s)}."""
+    """(rows as dicts, column names, how a row is named in messages) of a CSV or JSON caption file."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     if not path.lower().endswith((".csv", ".json")):
@@ -221,7 +218,7 @@ def _records(path: str) -> tuple[list[dict], list[str], str]:
             obj = json.load(f)
     except (OSError, ValueError, csv.Error) as e:   # ValueError: bad JSON, bytes that are not UTF-8
         raise DataError(f"{path}: cannot read captions ({reason(e)})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):   # WavCaps: {"data": [objects]}
         obj = obj["data"]
     if isinstance(obj, list) and all(isinstance(r, dict) for r in obj):
         return obj, list(dict.fromkeys(k for r in obj for k in r)), "record {}".format
@@ -391,7 +388,6 @@ def extract(audio_dir: str, out: str, encoder, batch_size: int = 16, save_every:
 
     def embed(batch):
         return encoder.embed_audio([read_audio(p, encoder.sample_rate, window) for _, p in batch]), {"ids": [i for i, _ in batch]}
-
     return _embed_into(out, cache, todo, embed, batch_size, save_every, encoder.name, shard, f"{encoder.name} audio")
 
 
@@ -421,7 +417,6 @@ def extract_captions(captions: list[Caption], out: str, encoder, batch_size: int
     def embed(batch):
         ids, numbers, texts = (list(c) for c in zip(*batch))
         return encoder.embed_text(texts), {"ids": ids, "caption_no": numbers, "captions": texts}
-
     return _embed_into(out, cache, todo, embed, batch_size, save_every, encoder.name, shard, f"{encoder.name} captions")
 
 

@@ -84,10 +84,15 @@ def test_classifier_free_guidance():
     net = lambda drop=None: model.net(x, t, model.net.condition(c, 0, drop), 0)
     cond_pred, null_pred = net(), net(torch.ones(5, dtype=torch.bool))
     assert not torch.allclose(cond_pred, null_pred)
-    assert torch.allclose(model._predict(model.net, x, 400, model.net.condition(c, 0), 0, 1.0), cond_pred)
-    both = model.net.condition(c.repeat(2, 1), 0, torch.arange(10) >= 5)     # as the sampler builds it
-    assert torch.allclose(model._predict(model.net, x, 400, both, 0, 3.0), null_pred + 3.0 * (cond_pred - null_pred),
-                          atol=1e-5)
+    # one DDIM step lands on the x0 of the guided prediction null + s (cond - null), from x_{T-1} ~ N(0, I)
+    c_unit = torch.nn.functional.normalize(c, dim=-1)
+    for s in (1.0, 3.0):
+        got = model.sample(c_unit, 0, steps=1, guidance=s, project=False, use_ema=False,
+                           generator=torch.Generator().manual_seed(1))
+        x_T, cd = torch.randn(5, 16, generator=torch.Generator().manual_seed(1)), model.to_diffusion(c_unit, 1)
+        pred = lambda drop=None: model.net(x_T, 999, model.net.condition(cd, 0, drop), 0)
+        guided = pred(torch.ones(5, dtype=torch.bool)) + s * (pred() - pred(torch.ones(5, dtype=torch.bool)))
+        assert torch.allclose(got, model.from_diffusion(model._x0(guided, x_T, 999), 0), atol=1e-5), s
     # dropping only some rows leaves the others' predictions unchanged
     mixed = net(torch.tensor([True, False, True, False, False]))
     assert torch.allclose(mixed[1], cond_pred[1]) and torch.allclose(mixed[0], null_pred[0])
