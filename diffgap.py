@@ -312,10 +312,10 @@ class DiffGAP(nn.Module):
         n conditions are sampled as one (K n <= max_rows)-row batch, so memory stays bounded."""
         per_block = max(1, max_rows // num_samples)
         blocks = []
-        for i in range(0, cond.shape[0], per_block):
+        for i in range(0, max(1, cond.shape[0]), per_block):   # 0 conditions: one empty block, (K, 0, D)
             c = cond[i:i + per_block]                                                  # (n, D_cond)
             x = self.sample(c.repeat(num_samples, 1), direction, **sample_kw)          # (K n, D): sample k = rows k n..
-            blocks.append(x.view(num_samples, c.shape[0], -1))
+            blocks.append(x.view(num_samples, c.shape[0], x.shape[-1]))
         return torch.cat(blocks, dim=1)
 
     @torch.no_grad()
@@ -325,7 +325,7 @@ class DiffGAP(nn.Module):
         bounded memory, shrunk toward the condition by lam (None: self.lam[direction]; 1: not at all)."""
         n = max(1, max_rows // num_samples)
         mean = torch.cat([self.sample_many(cond[i:i + n], direction, num_samples, max_rows, **sample_kw).mean(0)
-                          for i in range(0, cond.shape[0], n)])
+                          for i in range(0, max(1, cond.shape[0]), n)])
         lam = float(self.lam[direction]) if lam is None else lam
         return mean if lam == 1 else self.toward_condition(mean, cond, direction, lam)
 

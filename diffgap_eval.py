@@ -77,95 +77,135 @@ def cosine_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     return _unit_rows(queries, "query") @ _unit_rows(gallery, "gallery").T
 
 
-def _relevance(relevant: torch.Tensor, Q: int, G: int) -> torch.Tensor:
-    """relevant as (Q,) int labels or a (Q, G) bool mask, checked; returns it unchanged."""
-    want = (Q, G) if relevant.dtype == torch.bool else (Q,)
-    if tuple(relevant.shape) != want:
-        raise ValueError(f"relevant has shape {tuple(relevant.shape)}, expected {want} for {Q} queries x {G} items")
-    if relevant.dtype == torch.bool:
-        none = relevant.sum(1) == 0
-        if none.any():
-            raise ValueError(f"query {int(none.nonzero()[0, 0])} has no relevant gallery item")
-    elif len(relevant) and not (0 <= int(relevant.min()) and int(relevant.max()) < G):
-        raise ValueError(f"relevant labels must be gallery rows 0..{G - 1}")
-    return relevant
+def relevant_keys(relevant: torch.Tensor, Q: int, G: int) -> torch.Tensor:
+    """The correct (query, gallery item) pairs as sorted unique keys query * G + item (P,) int64, from relevant
+    as (Q,) int labels (one correct item each), a (Q, G) bool mask, or (P, 2) int pairs (what a split gives:
+    memory grows with the pairs, never with Q x G). Every query needs a correct item; else ValueError."""
+    if Q == 0 or G == 0:
+        raise ValueError(f"nothing to rank: {Q} queries and {G} gallery items")
+    shapes = {(Q, G)} if relevant.dtype == torch.bool else {(Q,), (len(relevant), 2)}
+    if tuple(relevant.shape) not in shapes:
+        raise ValueError(f"relevant has shape {tuple(relevant.shape)}: expected ({Q},) labels, a ({Q}, {G}) bool "
+                         f"mask or (P, 2) pairs for {Q} queries x {G} items")
+    pairs = relevant.nonzero() if relevant.dtype == torch.bool else relevant.long() if relevant.dim() == 2 else \
+        torch.stack([torch.arange(Q, device=relevant.device), relevant.long()], 1)
+    if len(pairs) and not (0 <= int(pairs.min()) and int(pairs[:, 0].max()) < Q and int(pairs[:, 1].max()) < G):
+        raise ValueError(f"relevant labels must be gallery rows 0..{G - 1} (and pairs' queries 0..{Q - 1})")
+    none = (torch.bincount(pairs[:, 0], minlength=Q) == 0).nonzero()
+    if len(none):
+        raise ValueError(f"query {int(none[0, 0])} has no relevant gallery item")
+    return torch.unique(pairs[:, 0] * G + pairs[:, 1])
 
 
-def _metrics(first: torch.Tensor, top_hits: torch.Tensor, n_rel: torch.Tensor, ks) -> dict[str, float]:
-    """The metrics of one ordering: first (Q,) 1-based rank of each query's best correct item,
-    top_hits (Q, <=10) bool relevance of its top-ranked items, n_rel (Q,) its number of correct items.
+def _median(x: torch.Tensor) -> float:
+    """numpy.median of a 1-d tensor of any length (torch.quantile refuses more than 2^24 values)."""
+    x = x.double().sort().values
+    return ((x[(len(x) - 1) // 2] + x[len(x) // 2]) / 2).item()
+
+
+def _metrics(first: torch.Tensor, ap: torch.Tensor, ks) -> dict[str, float]:
+    """The metrics of one ordering from first (Q,), the 1-based rank of each query's best correct item, and
+    ap (Q,), each query's AP@10 = sum_{k<=10} P@k rel_k / min(n_rel, 10), which never exceeds 1.
 
     median_rank is the median of the 1-based ranks, the mean of the two middle ones for an even
     count (numpy.median, as CLIP4Clip reports it); LAION-CLAP's and open_clip's evaluation print
     floor(median of 0-based ranks) + 1 instead, which is 1 where this gives 1.5 for ranks 1, 1, 2, 3.
-    AP@10 = sum_{k<=10} P@k rel_k / min(n_rel, 10), which never exceeds 1.
     """
     out = {f"R@{k}": (first <= k).float().mean().item() for k in ks}
-    out["median_rank"] = first.double().quantile(0.5).item()
-    hits = top_hits.float()
-    precision = hits.cumsum(1) / torch.arange(1, hits.shape[1] + 1, device=hits.device)
-    out["mAP@10"] = ((precision * hits).sum(1) / n_rel.clamp(max=10)).mean().item()
+    out["median_rank"] = _median(first)
+    out["mAP@10"] = ap.mean().item()
     return out
 
 
-def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+def _ap10(top_hits: torch.Tensor, n_rel: torch.Tensor) -> torch.Tensor:
+    """(Q,) AP@10 from top_hits (Q, <=10) bool, the relevance of each query's top-ranked items, and n_rel (Q,)."""
+    hits = top_hits.float()
+    precision = hits.cumsum(1) / torch.arange(1, hits.shape[1] + 1, device=hits.device)
+    return (precision * hits).sum(1) / n_rel.clamp(max=10)
+
+
+def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10), return_ranks: bool = False):
     """R@k, median rank and mAP@10 (conventions: _metrics) from scores (Q, G), higher is better, ties to the
-    lower index; relevant: (Q,) int, or (Q, G) bool for several correct items (an audio's captions: a hit
-    at k when any is in the top k). A non-finite score, a query with no correct item is a ValueError."""
+    lower index; relevant as relevant_keys takes it (several correct items: a hit at k when any is in the top
+    k). return_ranks also returns first (Q,), as _metrics has it. A non-finite score is a ValueError."""
     Q, G = scores.shape
     check_finite(scores, "scores")
-    relevant = _relevance(relevant, Q, G)
-    if relevant.dtype != torch.bool:
-        relevant = F.one_hot(relevant.long(), G).bool()
+    mask = torch.zeros(Q * G, dtype=torch.bool, device=scores.device)
+    mask[relevant_keys(relevant, Q, G)] = True
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices   # (Q, G)
-    hits = relevant.gather(1, order)                                         # (Q, G) rel at each rank
-    return _metrics(hits.float().argmax(1) + 1, hits[:, :10], relevant.sum(1), ks)
+    hits = mask.view(Q, G).gather(1, order)                                  # (Q, G) rel at each rank
+    first = hits.float().argmax(1) + 1
+    out = _metrics(first, _ap10(hits[:, :10], hits.sum(1)), ks)
+    return (out, first) if return_ranks else out
 
 
 @torch.no_grad()
 def retrieval_metrics_from_embeddings(queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor,
-                                      ks=(1, 5, 10), chunk: int = 8192, return_ranks: bool = False):
+                                      ks=(1, 5, 10), chunk: int = 8192, query_chunk: int = 4096,
+                                      return_ranks: bool = False):
     """retrieval_metrics(cosine_scores(queries, gallery), relevant) without the (Q, G) score matrix: queries (Q, D),
-    gallery (G, D), relevant as there; return_ranks also returns each query's 1-based rank of its best correct
-    item, (Q,) int. The top 10 comes from kernels.cosine_topk (Triton on CUDA, chunked torch elsewhere; ties to the
-    lower index) and gives R@k (k <= 10) and mAP@10; a query without a correct item in it is ranked past 10 by
-    counting, over gallery chunks, the items that beat its best correct item. A non-finite row is a ValueError."""
+    gallery (G, D); memory grows with query_chunk x chunk, not with Q or G. The top 10 of each block of queries
+    comes from kernels.cosine_topk (Triton on CUDA, chunked torch elsewhere; ties to the lower index) and gives R@k
+    (k <= 10) and mAP@10; a query without a correct item in it is ranked past 10 by counting, over gallery chunks,
+    the items that beat its best correct item. A non-finite row is a ValueError."""
     Q, G = queries.shape[0], gallery.shape[0]
-    relevant = _relevance(relevant, Q, G)
-    check_finite(queries, "query")
-    for start in range(0, G, chunk):
+    keys = relevant_keys(relevant, Q, G).to(queries.device)
+    for start in range(0, max(Q, G), chunk):
+        check_finite(queries[start:start + chunk], "query", start)
         check_finite(gallery[start:start + chunk], "gallery", start)
-    k10 = min(10, G)
-    _, top_i = cosine_topk(queries, gallery, k10, backend=dg.KERNELS, strict=dg.KERNELS == "triton")
-    top_hits = relevant.gather(1, top_i) if relevant.dtype == torch.bool else top_i == relevant[:, None]
-    in_top = top_hits.any(1)
-    first = torch.where(in_top, top_hits.float().argmax(1) + 1, 0)
-    miss = (~in_top).nonzero()[:, 0]
-    if len(miss):   # their best correct item (the lowest index among ties), then what beats it
-        q, rel = F.normalize(queries[miss].float(), dim=-1), relevant[miss]
-        scored = lambda: ((start, q @ F.normalize(gallery[start:start + chunk].float(), dim=-1).T)
-                          for start in range(0, G, chunk))
-        best_s = torch.full((len(miss),), float("-inf"), device=q.device)
-        best_i = torch.zeros(len(miss), dtype=torch.long, device=q.device)
-        for start, s in scored():
-            idx = torch.arange(start, start + s.shape[1], device=q.device)
-            mine = rel[:, start:start + s.shape[1]] if rel.dtype == torch.bool else rel[:, None] == idx
-            v, i = torch.where(mine, s, float("-inf")).max(1)
-            take = v > best_s
-            best_s, best_i = torch.where(take, v, best_s), torch.where(take, idx[i], best_i)
-        count = torch.ones(len(miss), dtype=torch.long, device=q.device)
-        for start, s in scored():
-            idx = torch.arange(start, start + s.shape[1], device=q.device)
-            count += ((s > best_s[:, None]) | ((s == best_s[:, None]) & (idx < best_i[:, None]))).sum(1)
-        first[miss] = count.clamp(min=k10 + 1)   # outside the top 10 by the one ordering
-    n_rel = relevant.sum(1) if relevant.dtype == torch.bool else torch.ones(Q, device=first.device)
-    out = _metrics(first, top_hits, n_rel, ks)
+    k10, first, ap = min(10, G), [], []
+    for s in range(0, Q, query_chunk):
+        q = queries[s:s + query_chunk]
+        lo, hi = torch.searchsorted(keys, torch.tensor([s, s + len(q)], device=keys.device) * G).tolist()
+        mine = keys[lo:hi] - s * G                     # this block's correct pairs: row * G + item
+        _, top_i = cosine_topk(q, gallery, k10, backend=dg.KERNELS, strict=dg.KERNELS == "triton")
+        top_hits = torch.isin(torch.arange(len(q), device=q.device)[:, None] * G + top_i, mine)   # (n, k10)
+        in_top = top_hits.any(1)
+        rank = torch.where(in_top, top_hits.float().argmax(1) + 1, 0)
+        miss = (~in_top).nonzero()[:, 0]
+        if len(miss):   # their correct pairs, as (row among the misses, item)
+            row = torch.full((len(q),), -1, dtype=torch.long, device=q.device)
+            row[miss] = torch.arange(len(miss), device=q.device)
+            r = row[mine // G]
+            rank[miss] = _ranks_past_top(q[miss], gallery, r[r >= 0], mine[r >= 0] % G, chunk).clamp(min=k10 + 1)
+        first.append(rank)
+        ap.append(_ap10(top_hits, torch.bincount(mine // G, minlength=len(q))))
+    first = torch.cat(first)
+    out = _metrics(first, torch.cat(ap), ks)
     return (out, first) if return_ranks else out
+
+
+def _ranks_past_top(q: torch.Tensor, gallery: torch.Tensor, r: torch.Tensor, item: torch.Tensor,
+                    chunk: int) -> torch.Tensor:
+    """(m,) 1-based rank of the best correct item (the lowest index among ties) of each query q (m, D), its
+    correct pairs (r[j], item[j]): 1 + the gallery items that beat it, counted over gallery chunks."""
+    G, q = len(gallery), F.normalize(q.float(), dim=-1)
+
+    def scored():   # (start, scores (m, n), whether each is a correct pair)
+        for start in range(0, G, chunk):
+            s = q @ F.normalize(gallery[start:start + chunk].float(), dim=-1).T
+            at = (item >= start) & (item < start + s.shape[1])
+            ok = torch.zeros_like(s, dtype=torch.bool)
+            ok[r[at], item[at] - start] = True
+            yield start, s, ok
+    best_s = torch.full((len(q),), float("-inf"), device=q.device)
+    best_i = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    for start, s, ok in scored():
+        v, i = torch.where(ok, s, float("-inf")).max(1)
+        take = v > best_s
+        best_s, best_i = torch.where(take, v, best_s), torch.where(take, start + i, best_i)
+    count = torch.ones(len(q), dtype=torch.long, device=q.device)
+    for start, s, _ in scored():
+        idx = torch.arange(start, start + s.shape[1], device=q.device)
+        count += ((s > best_s[:, None]) | ((s == best_s[:, None]) & (idx < best_i[:, None]))).sum(1)
+    return count
 
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to x (N, D) and y (M, D), in float64:
     |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2), symmetric eigendecompositions only."""
+    if min(len(x), len(y)) < 2:   # a covariance needs two rows
+        raise ValueError(f"the Frechet distance needs at least 2 rows in each set, got {len(x)} and {len(y)}")
     check_finite(x, "first set")
     check_finite(y, "second set")
     x, y = x.double(), y.double()
@@ -178,23 +218,25 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def paired_cosine(x: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tensor) -> float:
-    """Mean cosine of each x row (Q, D) with its true pair(s) in gallery (G, D); relevant (Q,) int
-    or (Q, G) bool (the mean over its pairs)."""
+    """Mean cosine of each x row (Q, D) with its true pair(s) in gallery (G, D), the mean over its pairs;
+    relevant as relevant_keys takes it."""
     x, gallery = _unit_rows(x, "generated"), _unit_rows(gallery, "gallery")
-    relevant = _relevance(relevant, len(x), len(gallery))
-    if relevant.dtype != torch.bool:
-        return (x * gallery[relevant]).sum(1).mean().item()
-    rel = relevant.float()
-    return ((x * (rel @ gallery)).sum(1) / rel.sum(1)).mean().item()
+    keys = relevant_keys(relevant, len(x), len(gallery)).to(x.device)
+    q, g = keys // len(gallery), keys % len(gallery)
+    n = torch.bincount(q, minlength=len(x))
+    return ((x * torch.zeros_like(x).index_add_(0, q, gallery[g])).sum(1) / n).mean().item()
 
 
 # 2. Retrieval scores ---------------------------------------------------------------------------
 
-def bootstrap_interval(values: torch.Tensor, resamples: int = 1000, level: float = 0.95, seed: int = 0):
+def bootstrap_interval(values: torch.Tensor, resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                       budget: int = 1 << 22):
     """Percentile bootstrap interval of the mean of per-query values (Q,), resampling queries: for R@1
     each query's hit; for two scores, the per-query differences (paired: it cancels query difficulty)."""
-    g = torch.Generator().manual_seed(seed)
-    means = values.float().cpu()[torch.randint(0, len(values), (resamples, len(values)), generator=g)].mean(1)
+    g, v = torch.Generator().manual_seed(seed), values.float().cpu()
+    rows = max(1, budget // max(1, len(v)))   # resamples per block: memory stays near budget indices
+    means = torch.cat([v[torch.randint(0, len(v), (min(rows, resamples - r), len(v)), generator=g)].mean(1)
+                       for r in range(0, resamples, rows)])
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2]))
     return lo.item(), hi.item()
 
@@ -323,11 +365,11 @@ def choice_reason(val_results: dict[str, dict], chosen: str) -> str:
 def translate_split(model: dg.DiffGAP, split, num_samples: int, steps: int = 5, sampler: str = "ddim",
                     eta: float = 0.0, guidance: float = 1.0, seed: int = 0, gallery_guidance: float | None = None,
                     name: str = "split", say=None, lam: float | None = None) -> dict[str, torch.Tensor]:
-    """{"b2a": (N_b, D_A), "a2b": (N_a, D_B)}: every row of a split translated into the other modality
+    """{"b2a": (N_items, D_A), "a2b": (N_a, D_B)}: every item of a split (Split.retrieval) translated into the other modality
     (DiffGAP.translate, lam as there) on the CPU, each direction from a generator seeded by (seed, direction); with
     a gallery_guidance other than guidance also "b2a_gallery", "a2b_gallery" at that guidance, for
     two-way's gallery side. say(line) reports progress (None: silent)."""
-    a, b = (x[:] if isinstance(x, embed_cache.Rows) else x for x in (split.a, split.b))   # a memmap read once
+    b, a, _ = split.retrieval(0)   # the distinct B items and the audio, each read once
     device = next(model.parameters()).device
     scales = {"": guidance} if gallery_guidance in (None, guidance) else {"": guidance, "_gallery": gallery_guidance}
     samples = num_samples * (len(a) + len(b)) * len(scales)
@@ -409,7 +451,8 @@ def export_gallery(folder: str, split, direction: int, score: str, translations:
     _, gal, _ = split.retrieval(direction)
     name = os.path.join(folder, DIRECTION_CHOICES[1 + direction])
     save_npy(f"{name}.gallery.npy", gallery_side(score, gal, gallery_translations(translations, direction)))
-    ids = (split.a_ids if direction == 0 else split.b_ids) or [str(i) for i in range(len(gal))]
+    ids = split.a_ids if direction == 0 else split.b_ids and [split.b_ids[i] for i in split.b_rows()]
+    ids = ids or [str(i) for i in range(len(gal))]
     atomic_write(f"{name}.ids.txt", lambda f: f.write("".join(f"{i}\n" for i in ids).encode()))
     entry = dict(info, score=score, direction=direction, rows=len(gal),
                  query=f"diffgap_eval.query_vectors(model, queries, {direction}, {score!r}, "
@@ -556,8 +599,8 @@ def run_cli(main) -> None:
     """Run a command's main(): bad input becomes one line on stderr and exit status 2."""
     try:
         sys.exit(main())
-    except (embed_cache.DataError, ValueError, OSError) as e:   # OSError: FileNotFoundError, disk full, ...
-        print(f"error: {e}", file=sys.stderr)
+    except (embed_cache.DataError, ValueError, OSError, RuntimeError) as e:   # OSError: disk full, ...; RuntimeError: torch's
+        print(f"error: {e if isinstance(e, (ValueError, OSError)) else reason(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:   # outside training's own handler (loading data, evaluating)
         print("interrupted", file=sys.stderr)

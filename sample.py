@@ -113,9 +113,8 @@ def main(argv=None) -> int:
         one = model.sample(q, d, steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
                            generator=g)                                                               # (Q, D)
         # the raw conditions against the same targets: the modality gap before DiffGAP
-        fd_cond = f"{ev.frechet_distance(q, gal):14.4f}" if q.shape[1] == gal.shape[1] else f"{'n/a':>14}"
-        quality.append(f"{ev.DIRECTIONS[d]:<10}{ev.frechet_distance(one, gal):10.4f}{fd_cond}"
-                       f"{ev.paired_cosine(one, gal, rel):12.4f}")
+        fd = lambda x: f"{ev.frechet_distance(x, gal):.4f}" if len(x) > 1 < len(gal) and x.shape[1] == gal.shape[1] else "n/a"
+        quality.append(f"{ev.DIRECTIONS[d]:<10}{fd(one):>10}{fd(q):>14}{ev.paired_cosine(one, gal, rel):12.4f}")
         if data.oracle is not None:
             results[d]["oracle"] = ev.retrieval_metrics(data.oracle(q.cpu(), gal.cpu(), d), rel.cpu())
     if args.score == "auto":

@@ -208,9 +208,13 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
     step, last_save, stopped = start_step, time.monotonic(), False
     bar = tqdm(total=total, initial=start_step, unit="it", mininterval=0.5, disable=rank != 0)
     loss_log = None
-    if args.loss_log and rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.loss_log)), exist_ok=True)
-        loss_log = open(args.loss_log, "a" if ckpt else "w")
+    if args.loss_log and rank == 0:   # resumed: keep the whole lines up to the checkpoint's step, which comes next
+        def kept(line: str) -> bool:
+            step = line.split()
+            return line.endswith("\n") and len(step) == 2 and step[0].isdigit() and int(step[0]) <= start_step
+        lines = embed_cache.base.read_text(args.loss_log).splitlines(True) if ckpt and os.path.isfile(args.loss_log) else []
+        ev.atomic_write(args.loss_log, lambda f: f.write("".join(filter(kept, lines)).encode()))
+        loss_log = open(args.loss_log, "a")
     try:
         for stats in dg.train_steps(model, a, b, optimizer, max(0, total - start_step), args.batch_size,
                                     start_step=start_step, direction=ev.direction_arg(args.direction),
@@ -221,7 +225,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
                 loss_log.write(f"{step} {stats['loss'].item():.8g}\n")
                 loss_log.flush()
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", direction=ev.DIRECTIONS[stats["direction"]])
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", direction=ev.DIRECTIONS[stats["direction"]], refresh=False)
             if step % per_epoch == 0 or time.monotonic() - last_save >= 60 * args.save_every_min:
                 save(step)
                 last_save = time.monotonic()

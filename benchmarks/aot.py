@@ -33,12 +33,12 @@ def cases(dtypes=DTYPES) -> list[dict]:
         for k in (10, K_MAX):
             cfg = topk.topk_config(1000, 512, k, dt, interpret=False)
             args = dict(q_ptr=p, g_ptr=p, qinv_ptr="*fp32", ginv_ptr="*fp32", out_v_ptr="*fp32", out_i_ptr="*i32",
-                        M=1000, N=200_000, D=512, slice_len=cfg["BLOCK_N"] * 50)
+                        M=1000, N=200_000, D=512, stride_q=512, stride_g=512, slice_len=cfg["BLOCK_N"] * 50)
             out.append(dict(kernel="cosine_topk", fn=topk._cosine_topk_kernel, dtype=name, args=args, cfg=cfg,
                             config=f"k={k} BLOCK {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_D']}"))
         fwd, bwd = fused_mlp.fused_config(64, 224, 512, dt, interpret=False)
         for store_z in (True, False):
-            args = dict(x_ptr=p, w_ptr=p, b_ptr=p, t_ptr=p, y_ptr=p, z_ptr=p, M=64, N=224, K=512)
+            args = dict(x_ptr=p, w_ptr=p, b_ptr=p, t_ptr=p, y_ptr=p, z_ptr=p, M=64, N=224, K=512, stride_x=512, stride_w=512, stride_t=224)
             out.append(dict(kernel="fused_fwd", fn=fused_mlp._fused_fwd_kernel, dtype=name, args=args,
                             cfg=dict(fwd, STORE_Z=store_z), config=f"store_z={int(store_z)} BLOCK "
                             f"{fwd['BLOCK_M']}x{fwd['BLOCK_N']}x{fwd['BLOCK_K']}"))

@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import diffgap as dg  # noqa: E402
 import kernels  # noqa: E402
+from embed_cache.base import atomic_write  # noqa: E402
 import roofline  # noqa: E402  (beside this file)
 
 DEFAULT_OUT = os.path.join(ROOT, "results", "gpu_check.md")
@@ -50,9 +51,7 @@ class Report:
         else:
             self.lines.append(line)
         print(line, flush=True)
-        with open(self.path + ".tmp", "w") as f:
-            f.write("\n".join(self.lines) + "\n")
-        os.replace(self.path + ".tmp", self.path)
+        atomic_write(self.path, lambda f: f.write(("\n".join(self.lines) + "\n").encode()))
 
 
 def ratio(a: float, b: float) -> str:

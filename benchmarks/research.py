@@ -121,9 +121,8 @@ def records(table: str, row: str, m: dict, prefix: str = "", **extra) -> list[tu
 
 def dense_metrics(scores: torch.Tensor, rel: torch.Tensor) -> dict:
     """retrieval_metrics of a dense (Q, G) score matrix, with R@1's 95% interval as score_retrieval's."""
-    top = scores.argmax(1)   # the first of tied maxima: ties go to the lower index, as in retrieval_metrics
-    hits = (rel[torch.arange(len(top)), top] if rel.dtype == torch.bool else top == rel).float()
-    return dict(ev.retrieval_metrics(scores, rel), **dict(zip(("R@1 lo", "R@1 hi"), ev.bootstrap_interval(hits))))
+    m, first = ev.retrieval_metrics(scores, rel, return_ranks=True)
+    return dict(m, **dict(zip(("R@1 lo", "R@1 hi"), ev.bootstrap_interval((first == 1).float()))))
 
 
 # What a job measures: it trains its model(s) and returns records (table, row, column, value) --------------
@@ -400,7 +399,6 @@ def main(argv=None) -> int:
             cells.setdefault((table_, row, col), []).append(value)
     text, out = report(cells, args, (time.time() - t0) / 60), args.out or default_out
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         ev.atomic_write(out, lambda f: f.write((text + "\n").encode()))
         print(f"wrote {out}", file=sys.stderr)
     print(text)

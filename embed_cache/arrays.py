@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -16,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import DataError, Dataset, Rows, Split, read_rows, reason
+from .base import DataError, Dataset, Rows, Split, read_rows, read_text, reason
 
 SPLITS = ("train", "val", "test")
 LAZY_BYTES = 256 * 2**20   # .npy files larger than this are memory-mapped
@@ -151,15 +152,15 @@ def read_ids(path: str, column: Optional[str] = None) -> tuple[list[str], dict[s
     """(ids, every column) from a .txt (an id per line), .csv (column, default the first) or .json file."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
+    text = read_text(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            if path.endswith(".csv"):
-                cols = _csv_columns(path, f)
-            elif path.endswith(".json"):
-                cols = _json_columns(path, json.load(f))
-            else:
-                cols = {"id": [line.strip() for line in f if line.strip()]}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:   # not DataError, a ValueError too
+        if path.endswith(".csv"):
+            cols = _csv_columns(path, io.StringIO(text, newline=""))
+        elif path.endswith(".json"):
+            cols = _json_columns(path, json.loads(text))
+        else:
+            cols = {"id": [line.strip() for line in text.splitlines() if line.strip()]}
+    except (json.JSONDecodeError, csv.Error) as e:   # not DataError, a ValueError too
         raise DataError(f"{path}: cannot read ids ({reason(e)})") from None
     if not cols or not next(iter(cols.values())):
         raise DataError(f"{path}: no ids")
@@ -352,8 +353,8 @@ def assemble(pair: str, spec: str, a: Source, b: Source, opts: dict, b_to_a: Opt
     """Check two sources, pair them (by b_to_a, ids or row for row), split and normalise; opts as load() parsed them."""
     drop_bad, drop_unpaired = opts.get("drop_bad", False), opts.get("drop_unpaired", False)
     val, test = opts.get("val", 0.1), opts.get("test", 0.1)
-    notes, keep, digests = [], {}, {}
-    for name, src in (("audio", a), (pair.split("-")[1], b)):
+    notes, keep, digests, b_name = [], {}, {}, pair.split("-")[1]
+    for name, src in (("audio", a), (b_name, b)):
         bad, norms, digests[name] = check_source(src)
         if len(bad) and (not drop_bad or len(bad) == len(src.array)):   # nothing left to drop to
             raise DataError(bad_rows_message(src, bad))
@@ -398,7 +399,7 @@ def assemble(pair: str, spec: str, a: Source, b: Source, opts: dict, b_to_a: Opt
     notes += [n for n in (note, note2) if n]
     rows = lambda src, r: Rows(src.array, r) if isinstance(src.array, np.memmap) else \
         torch.nn.functional.normalize(torch.from_numpy(np.asarray(src.array[r], dtype=np.float32)), dim=1)
-    splits = {}
+    splits, repeats = {}, 0
     for k, name in enumerate(SPLITS):
         mine, in_b = np.flatnonzero(owner == k), np.flatnonzero(owner[local] == k)
         if len(mine) == 0 or len(in_b) == 0:
@@ -406,8 +407,17 @@ def assemble(pair: str, spec: str, a: Source, b: Source, opts: dict, b_to_a: Opt
                             f"val={val}, test={test})")
         pos = np.full(len(a_rows), -1)
         pos[mine] = np.arange(len(mine))
+        # identical B rows (one class prompt for many clips) are one B item, numbered in order of first row
+        _, first, inv = np.unique(dig_b[b_rows[in_b]], axis=0, return_index=True, return_inverse=True)
+        number = np.empty(len(first), dtype=np.int64)
+        number[np.argsort(first)] = np.arange(len(first))
+        repeats += len(in_b) - len(first)
         splits[name] = Split(a=rows(a, a_rows[mine]), b=rows(b, b_rows[in_b]), b_to_a=torch.from_numpy(pos[local[in_b]]),
-                             a_ids=[a.ids[r] for r in a_rows[mine]], b_ids=[b.ids[r] for r in b_rows[in_b]])
+                             a_ids=[a.ids[r] for r in a_rows[mine]], b_ids=[b.ids[r] for r in b_rows[in_b]],
+                             b_item=torch.from_numpy(number[inv.reshape(-1)]) if len(first) < len(in_b) else None)
+    if repeats:
+        notes.append(f"merged {repeats} {b_name} rows into an identical earlier row of their split: retrieval ranks the "
+                     f"{sum(len(x.b_rows()) for x in splits.values())} distinct {b_name} items, each correct for all its audio")
     return Dataset(pair=pair, spec=spec, splits=splits, notes="; ".join(notes))
 
 

@@ -3,14 +3,15 @@ video or text (B) rows, and for each B row its A row (5 captions per audio: 5 B 
 pairs and the one-to-many relevance of retrieval both come from that index."""
 from __future__ import annotations
 
+import errno
 import math
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-
 
 class DataError(ValueError):
     """Bad input data. The message is one line naming the file, the row or key, and the problem."""
@@ -61,16 +62,26 @@ class Split:
     b_to_a: torch.Tensor  # (N_b,) int64: the row of `a` that each row of `b` is paired with
     a_ids: Optional[list] = None  # the id of each `a` row (file data; None: the row number is the id)
     b_ids: Optional[list] = None  # the id of each `b` row: the id it was paired by (an audio's captions share it)
+    b_item: Optional[torch.Tensor] = None  # (N_b,) int64: each b row's distinct item, where rows repeat (class prompts)
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pairs (a[b_to_a], b): (N_b, D_A), (N_b, D_B); lazy when a is Rows."""
         return (self.a.take(self.b_to_a.numpy()) if isinstance(self.a, Rows) else self.a[self.b_to_a]), self.b
 
+    def b_rows(self) -> torch.Tensor:
+        """(N_items,) the first b row of each distinct B item: what retrieval ranks and translates."""
+        return torch.arange(len(self.b)) if self.b_item is None else torch.from_numpy(
+            np.unique(self.b_item.numpy(), return_index=True)[1])
+
     def retrieval(self, direction: int):
-        """(queries, gallery, relevant): direction 0 is B->A, relevant the audio row of each B row
-        (Q,); 1 is A->B, relevant a (Q, G) bool mask of each audio's B rows."""
+        """(queries, gallery, relevant): direction 0 is B->A, the distinct B items ranking the audio, relevant
+        the audio row of each (Q,), or (P, 2) (item, audio) pairs where an item has several audios; 1 is A->B,
+        relevant (P, 2) (audio, item) pairs. Identical b rows are one item (b_item), as identical audio is one clip."""
         a, b = (x[:] if isinstance(x, Rows) else x for x in (self.a, self.b))  # evaluation reads the split
-        return (b, a, self.b_to_a) if direction == 0 else (a, b, self.b_to_a[None, :] == torch.arange(len(a))[:, None])
+        merged = self.b_item is not None
+        pairs = torch.stack([self.b_to_a, self.b_item if merged else torch.arange(len(b))], 1)   # (audio, item)
+        b = b[self.b_rows()] if merged else b
+        return (b, a, pairs.flip(1) if merged else self.b_to_a) if direction == 0 else (a, b, pairs)
 
 
 @dataclass
@@ -92,16 +103,20 @@ class Dataset:
 
 
 def atomic_write(path: str, write) -> None:
-    """Call write(f) on a temp file beside path, then make it path: all of it or none of it. The data
-    is fsynced before the rename (else a power loss can keep the rename, not the data), the folder after."""
+    """Call write(f) on a temp file of this writer's own beside path (two writers never share one), then make it
+    path: all of it or none of it. The data is fsynced before the rename (else a power loss can keep the rename,
+    not the data), the folder after, where the file system allows (CIFS, sshfs, some FUSE mounts refuse)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            try:
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise OSError(e.errno, f"{path}: cannot be written durably (fsync: {e.strerror})") from None
         os.replace(tmp, path)  # a crash before this line leaves the previous file intact
     finally:
         if os.path.exists(tmp):
@@ -109,8 +124,25 @@ def atomic_write(path: str, write) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)           # the rename itself is durable only once the folder is
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
+
+
+def read_text(path: str) -> str:
+    """A text file's contents: UTF-8, with or without the BOM Excel writes; another encoding is one DataError."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):   # UTF-16's byte-order marks (and UTF-32 LE's start)
+            raise DataError(f"{path}: the text is UTF-16 (its byte-order mark says so); save it as UTF-8")
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({reason(e)})") from None
 
 
 def reason(e: BaseException) -> str:

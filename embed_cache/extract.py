@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import csv
 import importlib
+import io
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .arrays import id_hash, read_named
-from .base import DataError, atomic_write, pick_device, reason
+from .base import DataError, atomic_write, pick_device, read_text, reason
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg")
 ID_COLUMNS = ("file_name", "youtube_id", "audio_id", "id", "filename", "file")   # tried in this order
@@ -52,10 +53,12 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
 
 
 def read_audio(path: str, sample_rate: int, max_samples: int) -> np.ndarray:
-    """A file as mono float32 at sample_rate, cut to its first max_samples (never padded)."""
+    """A file as mono float32 at sample_rate, cut to its first max_samples (never padded). Only the frames
+    that become them are read and resampled, so a long recording costs what its first window does."""
     import soundfile as sf
     try:
-        x, sr = sf.read(path, dtype="float32", always_2d=True)          # (T, channels)
+        sr = sf.info(path).samplerate
+        x, _ = sf.read(path, frames=math.ceil(max_samples * sr / sample_rate), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError on bad files
         raise DataError(f"{path}: cannot read audio ({reason(e)})") from None
     if not np.isfinite(x).all():
@@ -74,6 +77,9 @@ def find_audio(folder: str) -> list[tuple[str, str]]:
                    if f.lower().endswith(AUDIO_EXTS))
     if not found:
         raise DataError(f"{folder}: no {'/'.join(AUDIO_EXTS)} files")
+    for (i, p), (j, q) in zip(found, found[1:]):   # sorted: files of one id are neighbours
+        if i == j:
+            raise DataError(f"{folder}: id {i!r} (a path without its extension) has two files ({p}, {q}); keep one")
     return found
 
 
@@ -210,13 +216,13 @@ def _records(path: str) -> tuple[list[dict], list[str], str]:
         raise DataError(f"{path}: no such file")
     if not path.lower().endswith((".csv", ".json")):
         raise DataError(f"{path}: captions must be a .csv or .json file")
+    text = read_text(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: a BOM must not rename the first column
-            if path.lower().endswith(".csv"):
-                reader = csv.DictReader(f)
-                return list(reader), list(reader.fieldnames or []), lambda k: f"line {k + 2}"   # line 1: the header
-            obj = json.load(f)
-    except (OSError, ValueError, csv.Error) as e:   # ValueError: bad JSON, bytes that are not UTF-8
+        if path.lower().endswith(".csv"):
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            return list(reader), list(reader.fieldnames or []), lambda k: f"line {k + 2}"   # line 1: the header
+        obj = json.loads(text)
+    except (ValueError, csv.Error) as e:   # ValueError: bad JSON
         raise DataError(f"{path}: cannot read captions ({reason(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):   # WavCaps: {"data": [objects]}
         obj = obj["data"]

@@ -42,6 +42,11 @@ def fused_linear_temb_silu_reference(x, weight, bias, temb):
     return F.silu(F.linear(x, weight, bias) + temb)
 
 
+def unit_stride(a: torch.Tensor) -> torch.Tensor:
+    """a, or a copy where its last dimension is not contiguous: the kernels take any row stride."""
+    return a if a.stride(-1) == 1 else a.contiguous()
+
+
 def _merge(vals: torch.Tensor, idx: torch.Tensor, k: int):
     """The k best of each row by (value descending, index ascending)."""
     order = torch.sort(idx, dim=1, stable=True).indices                           # index ascending first,
@@ -168,8 +173,9 @@ def fused_linear_temb_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)} and temb "
                          f"{tuple(temb.shape)} do not fit the fused step: (B, K), (N, K), (N,), (B, N)")
     grad = torch.is_grad_enabled() and any(a.requires_grad for a in (x, weight, bias, temb))   # else store no z
-    y = run_checked("fused_linear_temb_silu", x, strict, fused_mlp and fused_mlp.self_test,
-                    lambda: fused_mlp.FusedLinearTembSiLU.apply(x, weight, bias, temb, strict, grad))
+    y = None if 0 in (*x.shape, weight.shape[0]) else run_checked(   # nothing to launch: torch's empty answer
+        "fused_linear_temb_silu", x, strict, fused_mlp and fused_mlp.self_test,
+        lambda: fused_mlp.FusedLinearTembSiLU.apply(x, weight, bias, temb, strict, grad))
     return fused_linear_temb_silu_reference(x, weight, bias, temb) if y is None else y
 
 

@@ -7,20 +7,23 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TOL, fail, fp32_dot_precision, fused_linear_temb_silu_reference, max_error
+from . import INTERPRET, TOL, fail, fp32_dot_precision, fused_linear_temb_silu_reference, max_error, unit_stride
 
 
 @triton.jit
 def _fused_fwd_kernel(
-    x_ptr,  # (M, K) input; every tensor here is contiguous
-    w_ptr,  # (N, K) weight as nn.Linear stores it, read as W^T tiles: no transposed copy
-    b_ptr,  # (N,) bias
-    t_ptr,  # (M, N) time embedding, one row per sample
+    x_ptr,  # (M, K) input, rows stride_x apart; y and z are contiguous
+    w_ptr,  # (N, K) weight as nn.Linear stores it, rows stride_w apart, read as W^T tiles: no transposed copy
+    b_ptr,  # (N,) bias, contiguous
+    t_ptr,  # (M, N) time embedding, one row per sample, rows stride_t apart
     y_ptr,  # (M, N) out: silu(z)
     z_ptr,  # (M, N) out: z, which the backward needs for silu'(z); never written unless STORE_Z
     M,  # rows: the batch
     N,  # output features
     K,  # input features: the reduction
+    stride_x,  # elements between rows of x
+    stride_w,  # elements between rows of the weight
+    stride_t,  # elements between rows of temb
     STORE_Z: tl.constexpr,  # a backward will follow; sampling stores y alone
     CAST_TILES: tl.constexpr,  # dot in ACC: the interpreter's fp16 and bf16 dots are wrong
     ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs (gradcheck)
@@ -29,20 +32,20 @@ def _fused_fwd_kernel(
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_K: tl.constexpr,  # reduction step
 ):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)   # offsets in int64: M N passes 2^31
+    rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rn[None, :] * stride_w + rk[:, None], mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
         if CAST_TILES:
             x, w = x.to(ACC), w.to(ACC)
         acc += tl.dot(x, w, input_precision=PRECISION)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     z = acc + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(ACC)[None, :]
     offs = rm[:, None] * N + rn[None, :]
-    z += tl.load(t_ptr + offs, mask=mask, other=0.0).to(ACC)
+    z += tl.load(t_ptr + rm[:, None] * stride_t + rn[None, :], mask=mask, other=0.0).to(ACC)
     tl.store(y_ptr + offs, (z * tl.sigmoid(z)).to(y_ptr.dtype.element_ty), mask=mask)
     if STORE_Z:
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
@@ -60,10 +63,12 @@ def _fused_bwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per program: one row of part each
     BLOCK_N: tl.constexpr,  # columns per program
 ):
+    base = tl.program_id(0).to(tl.int64) * BLOCK_M * N   # the block's first element in int64: M N passes 2^31
+    dy_ptr, z_ptr, dz_ptr = dy_ptr + base, z_ptr + base, dz_ptr + base
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    offs = rm[:, None] * N + rn[None, :]
+    offs = tl.arange(0, BLOCK_M)[:, None] * N + rn[None, :]   # within the block
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
     s = tl.sigmoid(z)
@@ -89,14 +94,14 @@ class FusedLinearTembSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, temb, strict=False, store_z=True):
-        x, weight, bias, temb = (a.contiguous() for a in (x, weight, bias, temb))
+        (x, weight, temb), bias = (unit_stride(a) for a in (x, weight, temb)), bias.contiguous()
         (M, K), N = x.shape, weight.shape[0]
         store_z = store_z and any(ctx.needs_input_grad[:4])
         y = torch.empty(M, N, device=x.device, dtype=x.dtype)
         z = torch.empty_like(y) if store_z else y
         cfg = fused_config(M, N, K, x.dtype)[0]
         _fused_fwd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))](
-            x, weight, bias, temb, y, z, M, N, K, STORE_Z=store_z, **cfg)
+            x, weight, bias, temb, y, z, M, N, K, x.stride(0), weight.stride(0), temb.stride(0), STORE_Z=store_z, **cfg)
         ctx.strict = strict
         if store_z:
             ctx.save_for_backward(x, weight, z)

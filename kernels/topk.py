@@ -6,13 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _merge, fp32_dot_precision, max_error
+from . import INTERPRET, _merge, fp32_dot_precision, max_error, unit_stride
 
 
 @triton.jit
 def _cosine_topk_kernel(
-    q_ptr,  # (M, D) queries of any norm; every tensor here is contiguous
-    g_ptr,  # (N, D) gallery, read as transposed tiles
+    q_ptr,  # (M, D) queries of any norm, rows stride_q apart; every other tensor is contiguous
+    g_ptr,  # (N, D) gallery, rows stride_g apart, read as transposed tiles
     qinv_ptr,  # (M,) fp32 1 / max(|q|, 1e-12): F.normalize's scaling, so a zero row scores 0, not NaN
     ginv_ptr,  # (N,) fp32 the same for the gallery
     out_v_ptr,  # (M, slices, K) fp32 out: each slice's k best cosines per query
@@ -20,6 +20,8 @@ def _cosine_topk_kernel(
     M,  # queries
     N,  # gallery rows
     D,  # embedding dimension: the reduction
+    stride_q,  # elements between query rows (a view's rows may be far apart)
+    stride_g,  # elements between gallery rows
     slice_len,  # gallery rows per program along axis 1, a multiple of BLOCK_N
     K: tl.constexpr,  # k: selection passes per tile
     KP: tl.constexpr,  # k rounded up to a power of two, as tl.arange needs
@@ -30,6 +32,9 @@ def _cosine_topk_kernel(
     BLOCK_D: tl.constexpr,  # reduction step
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_rows = q_ptr + rm[:, None].to(tl.int64) * stride_q   # int64: row * stride passes 2^31 at 4.2M x 512
+    first = tl.program_id(0).to(tl.int64) * BLOCK_M * tl.num_programs(1) * K   # the outputs' block, in int64
+    out_v_ptr, out_i_ptr = out_v_ptr + first, out_i_ptr + first
     slot = tl.arange(0, KP)
     # empty slots hold -inf and distinct indices past the gallery; padding slots +inf, never replaced
     best_v = tl.where(slot[None, :] < K, tl.full((BLOCK_M, KP), float("-inf"), tl.float32), float("inf"))
@@ -39,10 +44,10 @@ def _cosine_topk_kernel(
     for n0 in range(start, start + slice_len, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        g_rows = rn[None, :].to(tl.int64) * D   # N * D may pass 2^31
+        g_rows = rn[None, :].to(tl.int64) * stride_g
         for d0 in range(0, D, BLOCK_D):
             rd = d0 + tl.arange(0, BLOCK_D)
-            q = tl.load(q_ptr + rm[:, None] * D + rd[None, :], mask=(rm[:, None] < M) & (rd[None, :] < D), other=0.0)
+            q = tl.load(q_rows + rd[None, :], mask=(rm[:, None] < M) & (rd[None, :] < D), other=0.0)
             g = tl.load(g_ptr + g_rows + rd[:, None], mask=(rn[None, :] < N) & (rd[:, None] < D), other=0.0)
             if CAST_FP32:
                 q, g = q.to(tl.float32), g.to(tl.float32)
@@ -59,7 +64,7 @@ def _cosine_topk_kernel(
             best_v = tl.where(replace, top_v[:, None], best_v)
             best_i = tl.where(replace, top_i[:, None], best_i)
             s = tl.where(rn[None, :] == top_i[:, None], float("-inf"), s)
-    offs = (rm[:, None] * tl.num_programs(1) + tl.program_id(1)) * K + slot[None, :]
+    offs = (tl.arange(0, BLOCK_M)[:, None] * tl.num_programs(1) + tl.program_id(1)) * K + slot[None, :]
     keep = (rm[:, None] < M) & (slot[None, :] < K)
     tl.store(out_v_ptr + offs, best_v, mask=keep)
     tl.store(out_i_ptr + offs, best_i, mask=keep)
@@ -78,8 +83,10 @@ def topk_config(M: int, D: int, k: int, dtype: torch.dtype, interpret: bool = IN
 
 def cosine_topk_triton(queries: torch.Tensor, gallery: torch.Tensor, k: int, slice_len: int | None = None):
     """The kernel's top-k as cosine_topk returns it, for k <= K_MAX (a larger k would spill)."""
-    q, g, k = queries.contiguous(), gallery.contiguous(), min(k, len(gallery))
+    q, g, k = unit_stride(queries), unit_stride(gallery), min(k, len(gallery))
     (M, D), N = q.shape, len(g)
+    if M == 0 or k == 0:   # nothing to launch
+        return q.new_empty(M, k, dtype=torch.float32), torch.empty(M, k, dtype=torch.long, device=q.device)
     cfg = topk_config(M, D, k, q.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if slice_len is None:   # enough slices for ~512 programs, to fill the GPU
@@ -88,7 +95,8 @@ def cosine_topk_triton(queries: torch.Tensor, gallery: torch.Tensor, k: int, sli
     n_slices = triton.cdiv(N, slice_len)
     out_v, out_i = (torch.empty(M, n_slices, k, device=q.device, dtype=d) for d in (torch.float32, torch.int32))
     inv = lambda a: 1 / a.float().norm(dim=1).clamp_min(1e-12)
-    _cosine_topk_kernel[(triton.cdiv(M, bm), n_slices)](q, g, inv(q), inv(g), out_v, out_i, M, N, D, slice_len, **cfg)
+    _cosine_topk_kernel[(triton.cdiv(M, bm), n_slices)](q, g, inv(q), inv(g), out_v, out_i, M, N, D, q.stride(0), g.stride(0),
+                                                            slice_len, **cfg)
     return _merge(out_v.reshape(M, -1), out_i.reshape(M, -1).long(), k)
 
 

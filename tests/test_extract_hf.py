@@ -76,6 +76,7 @@ def reference_audio(model_dir, paths):
     clips = []
     for p in paths:
         x, sr = sf.read(p, dtype="float32", always_2d=True)
+        x = x[:int(np.ceil(WINDOW_S * sr))]   # the frames that become the first window: all that is read
         clips.append(resample(x.mean(1), sr, 48000)[:48000 * WINDOW_S])
     inputs = processor.feature_extractor(clips, sampling_rate=48000, return_tensors="pt")
     with torch.no_grad():
