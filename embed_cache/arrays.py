@@ -403,8 +403,10 @@ def assemble(pair: str, spec: str, a: Source, b: Source, opts: dict, b_to_a: Opt
     for k, name in enumerate(SPLITS):
         mine, in_b = np.flatnonzero(owner == k), np.flatnonzero(owner[local] == k)
         if len(mine) == 0 or len(in_b) == 0:
-            raise DataError(f"{spec}: the {name} split is empty ({len(a_rows)} audio items are too few for "
-                            f"val={val}, test={test})")
+            kept = len(np.unique(group))   # groups of items that share an identical row go to one split together
+            raise DataError(f"{spec}: the {name} split is empty ({len(a_rows)} audio items are too few for val={val}, "
+                            f"test={test}" + (f"; they form {kept} groups of identical rows, each kept in one split: a "
+                                              f"class prompt per clip needs split_col=" if kept < len(a_rows) else "") + ")")
         pos = np.full(len(a_rows), -1)
         pos[mine] = np.arange(len(mine))
         # identical B rows (one class prompt for many clips) are one B item, numbered in order of first row

@@ -136,8 +136,8 @@ def read_text(path: str) -> str:
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):   # UTF-16's byte-order marks (and UTF-32 LE's start)
-            raise DataError(f"{path}: the text is UTF-16 (its byte-order mark says so); save it as UTF-8")
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4096]:   # UTF-16's byte-order marks, or its NULs
+            raise DataError(f"{path}: the text is UTF-16 (its byte-order mark or NUL bytes say so); save it as UTF-8")
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it as UTF-8") from None

@@ -132,6 +132,9 @@ def test_every_text_reader_accepts_a_utf8_bom_and_names_utf16(tmp_path):
         with pytest.raises(DataError, match=f"{tmp_path}/{name}: the text is UTF-16 .*save it as UTF-8"):
             embed_cache.load(f"arrays:a={tmp_path}/a.npy,b={tmp_path}/b.npy,ids={tmp_path}/{name}{col}", "audio-video")
     from embed_cache.extract import read_captions
+    (tmp_path / "ids.txt").write_bytes("y0\ny1\n".encode("utf-16-be"))   # no byte-order mark: its NUL bytes tell
+    with pytest.raises(DataError, match="ids.txt: the text is UTF-16"):
+        embed_cache.arrays.read_ids(str(tmp_path / "ids.txt"))
     (tmp_path / "cap.csv").write_bytes("file_name,caption\nx,a dog\n".encode("utf-16"))
     with pytest.raises(DataError, match="cap.csv: the text is UTF-16"):
         read_captions(str(tmp_path / "cap.csv"))
@@ -309,3 +312,12 @@ def test_identical_text_rows_are_one_item_and_retrieval_is_zero_shot_classificat
     model = dg.DiffGAP(dg.DiffGAPConfig(dim_a=8, dim_b=8, hidden=16, inner=8, time_dim=8)).eval()
     out = ev.translate_split(model, test, 2)
     assert out["b2a"].shape == (5, 8) and ev.split_scores(test, 0, out, ["contrastive", "diffgap"])
+
+
+def test_a_class_labelled_set_without_a_split_column_says_why_a_split_is_empty(tmp_path):
+    """Every clip of a class shares its prompt row, so a class is one group, kept in one split: with 5 classes
+    the hash split leaves one split empty, and the message names the groups and split_col=, not the count."""
+    *_, spec = write_arrays(tmp_path, n=60, classes=5)
+    with pytest.raises(DataError, match="they form 5 groups of identical rows, each kept in one split: a class "
+                                        "prompt per clip needs split_col="):
+        embed_cache.load(spec.split(",split_col")[0], "audio-text")
