@@ -474,6 +474,7 @@ RUN_ENTRIES = {
     "lr": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a finite number > 0"),
     "seed": (lambda v: type(v) is int, "an integer"),
     "direction": (lambda v: v in DIRECTION_CHOICES, ", ".join(DIRECTION_CHOICES)),
+    "encoder": (lambda v: v is None or isinstance(v, str), "the embedding model's name (a string) or None"),
 }
 
 
@@ -566,6 +567,20 @@ def arg_type(parse):
 def number(kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
     """An argparse type: a finite `kind` (int or float) in lo..hi (embed_cache.base.number)."""
     return arg_type(lambda text: embed_cache.base.number(text, kind, lo, hi, lo_open, hi_open))
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The options of DiffGAP's sampler that sample.py and generate.py share."""
+    p.add_argument("--steps", type=number(int, 1), default=5, help="sampling steps (paper: 50, 20 or 5)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--eta", type=number(float, 0), default=0.0, help="DDIM noise (0: deterministic)")
+    p.add_argument("--guidance", type=number(float), default=1.0,
+                   help="guidance scale of generated embeddings (sample.py: --cond, FD, paired cos); 1: none")
+    p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged (the diffgap score, --cond)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU needs TRITON_INTERPRET=1")
+    p.add_argument("--seed", type=number(int, 0), default=0)
 
 
 def set_kernels(name: str, device: torch.device) -> None:

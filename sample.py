@@ -23,16 +23,11 @@ from diffgap_eval import ArgParser, number
 def parse_args(argv=None):
     p = ArgParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/ckpt.pt)")
-    p.add_argument("--steps", type=number(int, 1), default=5, help="sampling steps (paper: 50, 20 or 5)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    p.add_argument("--eta", type=number(float, 0), default=0.0, help="DDIM noise (0: deterministic)")
-    p.add_argument("--guidance", type=number(float), default=1.0,
-                   help="guidance scale of generated embeddings (--cond, FD, paired cos); 1: none")
+    ev.add_sampling_options(p)
     p.add_argument("--rank-guidance", type=number(float), default=ev.RANK_GUIDANCE,
                    help="guidance scale of the K samples averaged for the learned scores (1 without condition dropout)")
     p.add_argument("--gallery-guidance", type=number(float), default=ev.GALLERY_GUIDANCE,
                    help=f"guidance scale of the gallery side of the two-way scores (default {ev.GALLERY_GUIDANCE:g})")
-    p.add_argument("--num-samples", type=number(int, 1), default=16, help="K samples averaged for the diffgap score")
     p.add_argument("--score", type=ev.arg_type(lambda t: t if t == "auto" else ev.parse_score(t) and t),  # or raises
                    default="auto", help="the score to mark and export: auto (per direction, chosen on validation) or "
                    "a name: contrastive, diffgap, two-way, blend-L, two-way-blend-L")
@@ -43,10 +38,6 @@ def parse_args(argv=None):
     p.add_argument("--data", help="data spec to evaluate on (default: the one stored in the checkpoint)")
     p.add_argument("--cond", help="FILE.npy of condition embeddings (N, D) to generate for (needs --out)")
     p.add_argument("--out", help="FILE.npy to write the generated embeddings to")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="auto: Triton kernels on CUDA, torch otherwise; triton on a CPU needs TRITON_INTERPRET=1")
-    p.add_argument("--seed", type=number(int, 0), default=0)
     return p.parse_args(argv)
 
 

@@ -185,7 +185,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> int:
             if bad:   # never overwrite the last good checkpoint with a diverged model
                 raise diverged(f"step {step}: {bad}")
             saved["step"] = step
-            run = {"pair": args.pair, "data": data.spec, "epochs": args.epochs,
+            run = {"pair": args.pair, "data": data.spec, "epochs": args.epochs, "encoder": data.encoder,
                    **{k: getattr(args, k) for k in RUN_DEFAULTS if k != "data"}}
             ev.save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=step, run=run)
 

@@ -33,6 +33,7 @@ class Source:
     ids: Optional[list[str]] = None        # one id per row, or None (the row number is the id)
     split: Optional[list] = None           # one split name (or None: by hash) per row, when the files give it
     ids_from: Optional[str] = None         # the file the ids came from, when not the array's own file
+    encoder: Optional[str] = None          # the model that embedded it, where the file says (extract.py caches)
 
 
 # -- reading files ----------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def read_one(path: str, key: Optional[str]) -> Source:
     """The embeddings of a .npy, or of a .npz / .pt holding one array (or `key`) and maybe `ids`."""
     if file_kind(path) == "npy":
         return Source(path, read_named(path)[None])
-    found = read_named(path, [key] if key else [], ("ids",))
+    found = read_named(path, [key] if key else [], ("ids", "encoder"))
     if key is None:
         # beside `emb`, the metadata extract.py writes: encoder, the captions' text and number, the shard
         names = [k for k in found if k not in ("ids", "encoder", "captions", "caption_no", "shard")]
@@ -144,8 +145,9 @@ def read_one(path: str, key: Optional[str]) -> Source:
         key = names[0]
         if found[key] is None:
             found[key] = read_named(path, [key])[key]
-    ids = found.get("ids")
-    return Source(f"{path}['{key}']", found[key], None if ids is None else [str(i) for i in ids])
+    ids, encoder = found.get("ids"), found.get("encoder")
+    return Source(f"{path}['{key}']", found[key], None if ids is None else [str(i) for i in ids],
+                  encoder=None if encoder is None else str(encoder))
 
 
 def read_ids(path: str, column: Optional[str] = None) -> tuple[list[str], dict[str, list[str]]]:
@@ -420,7 +422,8 @@ def assemble(pair: str, spec: str, a: Source, b: Source, opts: dict, b_to_a: Opt
     if repeats:
         notes.append(f"merged {repeats} {b_name} rows into an identical earlier row of their split: retrieval ranks the "
                      f"{sum(len(x.b_rows()) for x in splits.values())} distinct {b_name} items, each correct for all its audio")
-    return Dataset(pair=pair, spec=spec, splits=splits, notes="; ".join(notes))
+    return Dataset(pair=pair, spec=spec, splits=splits, notes="; ".join(notes),
+                   encoder=a.encoder if a.encoder == b.encoder else None)
 
 
 def load_clap(opts: dict, pair: str, spec: str) -> Dataset:

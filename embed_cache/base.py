@@ -91,6 +91,7 @@ class Dataset:
     splits: dict[str, Split]        # "train", "val", "test"
     oracle: Optional[Callable] = field(default=None, repr=False)  # synthetic only: ceiling scores
     notes: str = ""                 # what the loader saw: norms before normalising, dropped rows
+    encoder: Optional[str] = None   # the model that embedded both sides, where the files say (extract.py caches)
 
     @property
     def dims(self) -> tuple[int, int]:

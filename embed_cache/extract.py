@@ -92,8 +92,8 @@ def import_optional(module: str, who: str):
         return importlib.import_module(module)
     except Exception as e:  # an installed package that fails while importing: any error type
         if isinstance(e, ModuleNotFoundError) and e.name == module:   # the package itself, not one of its imports
-            raise DataError(f"{who} needs the {module} package: pip install {module} "
-                            f"(--encoder logmel needs nothing)") from None
+            raise DataError(f"{who} needs the {module} package: pip install {module}"
+                            + (" (--encoder logmel needs nothing)" if who.startswith("--encoder") else "")) from None
         raise DataError(f"{who}: {module} is installed but cannot be imported ({reason(e)}); fix or reinstall what "
                         f"it names (python -c 'import {module}' shows the traceback)") from None
 
@@ -138,44 +138,61 @@ class LogMelEncoder:
 
 
 class HFClapEncoder:
-    """transformers' ClapModel and ClapProcessor (a hub id or a save_pretrained folder). A "fusion" model
-    gets is_longer False (clips are cut to the window), where the processor flags a random clip per batch."""
+    """transformers' ClapModel and ClapProcessor (a hub id or a save_pretrained folder), or with pipeline=True
+    a MusicLDM pipeline's CLAP (its text_encoder, tokenizer and feature_extractor): the generator's condition
+    space. A "fusion" model gets is_longer False (clips are cut to the window), where the processor flags a
+    random clip per batch. AudioLDM's text tower alone (ClapTextModelWithProjection) embeds text only."""
     has_text = True
 
-    def __init__(self, model: str, device: str = "auto"):
-        transformers = import_optional("transformers", "--encoder hf-clap")
-        self.device = pick_device(device)
+    def __init__(self, model, tokenizer, feature_extractor, name: str):
+        """Embed with these modules (a pipeline's own, already loaded); without a feature extractor, text only."""
+        self.model, self.tokenizer, self.fe, self.name, self.device = model.eval(), tokenizer, feature_extractor, name, model.device
+        if feature_extractor is not None:
+            fe = feature_extractor
+            self.sample_rate, self.clip_seconds = int(fe.sampling_rate), fe.nb_max_samples / fe.sampling_rate
+            self.fusion = fe.truncation == "fusion"
+        cfg = getattr(model.config, "text_config", model.config)
+        longest = cfg.max_position_embeddings - (cfg.pad_token_id or 0) - 1   # RoBERTa positions start after pad
+        self.max_tokens = min(longest, tokenizer.model_max_length)
+
+    @classmethod
+    def load(cls, model: str, device: str = "auto", pipeline: bool = False) -> "HFClapEncoder":
+        transformers = import_optional("transformers", "--encoder " + ("musicldm" if pipeline else "hf-clap"))
+        sub = (lambda name: {"subfolder": name}) if pipeline else (lambda name: {})   # a pipeline's own folders
+        device = pick_device(device)   # --device cuda without CUDA: said before any weights load
         try:
-            self.processor = transformers.ClapProcessor.from_pretrained(model)
-            self.model = transformers.ClapModel.from_pretrained(model).to(self.device).eval()
+            clap = transformers.ClapModel.from_pretrained(model, **sub("text_encoder")).to(device)
+            if pipeline:
+                parts = (transformers.ClapFeatureExtractor.from_pretrained(model, subfolder="feature_extractor"),
+                         transformers.AutoTokenizer.from_pretrained(model, subfolder="tokenizer"))
+            else:
+                processor = transformers.ClapProcessor.from_pretrained(model)
+                parts = processor.feature_extractor, processor.tokenizer
         except (OSError, ValueError) as e:
             path = model.startswith((".", "/", "~")) or model.count("/") > 1   # hub ids are NAME or ORG/NAME
+            what = "a MusicLDM pipeline saved with save_pretrained" if pipeline else "a CLAP saved with save_pretrained"
             raise DataError(f"--model {model}: " + (
-                f"a folder, but not a CLAP saved with save_pretrained ({reason(e)})" if os.path.isdir(model) else
-                "no such folder, and not a hub id like laion/clap-htsat-unfused" if path else
-                f"not in the Hugging Face cache and not downloadable (offline, or no such model); hf download {model} "
-                f"once with a network ({reason(e)})")) from None
-        fe = self.processor.feature_extractor
-        self.sample_rate, self.clip_seconds = int(fe.sampling_rate), fe.nb_max_samples / fe.sampling_rate
-        self.fusion = fe.truncation == "fusion"
-        cfg = self.model.config.text_config
-        longest = cfg.max_position_embeddings - (cfg.pad_token_id or 0) - 1   # RoBERTa positions start after pad
-        self.max_tokens = min(longest, self.processor.tokenizer.model_max_length)
-        self.name = f"hf-clap:{model}"
+                f"a folder, but not {what} ({reason(e)})" if os.path.isdir(model) else
+                f"no such folder, and not a hub id like {'ucsd-reach/musicldm' if pipeline else 'laion/clap-htsat-unfused'}"
+                if path else f"not in the Hugging Face cache and not downloadable (offline, or no such model); hf download "
+                f"{model} once with a network ({reason(e)})")) from None
+        # a pipeline folder by its real path, which generate.py compares with the one it is given
+        where = os.path.realpath(model) if pipeline and os.path.isdir(model) else model
+        return cls(clap, parts[1], parts[0], f"{'musicldm' if pipeline else 'hf-clap'}:{where}")
 
     @torch.no_grad()
     def embed_audio(self, clips: list[np.ndarray]) -> np.ndarray:
-        inputs = self.processor.feature_extractor([np.asarray(c, np.float32) for c in clips],
-                                                  sampling_rate=self.sample_rate, return_tensors="pt")
+        inputs = self.fe([np.asarray(c, np.float32) for c in clips], sampling_rate=self.sample_rate, return_tensors="pt")
         if self.fusion:
             inputs["is_longer"] = torch.zeros_like(inputs["is_longer"])
         return unit_rows(self.model.get_audio_features(**{k: v.to(self.device) for k, v in inputs.items()}))
 
     @torch.no_grad()
     def embed_text(self, captions: list[str]) -> np.ndarray:
-        tokens = self.processor.tokenizer(captions, padding=True, truncation=True, max_length=self.max_tokens,
-                                          return_tensors="pt")
-        return unit_rows(self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()}))
+        tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        tokens = {k: v.to(self.device) for k, v in tokens.items()}
+        text = getattr(self.model, "get_text_features", None)   # None: a text tower alone, whose output has text_embeds
+        return unit_rows(text(**tokens) if text else self.model(**tokens).text_embeds)
 
 
 class LaionClapEncoder:
@@ -492,10 +509,11 @@ def main(argv=None) -> int:
     p.add_argument("--skip-missing", action="store_true", help="leave out captions whose audio file is not there")
     p.add_argument("--shard", help="I/N: embed shard I of N (a stable split by id; torchrun: RANK/WORLD_SIZE)")
     p.add_argument("--merge", nargs="+", metavar="PART", help="join the shard parts of one cache into --out")
-    p.add_argument("--encoder", choices=("logmel", "hf-clap", "laion-clap"), default="logmel",
-                   help="logmel (no weights, audio only), hf-clap (transformers), laion-clap (pip install laion_clap)")
-    p.add_argument("--model", help="hf-clap: hub id or folder (default laion/clap-htsat-unfused); laion-clap: audio "
-                                   "tower, HTSAT-tiny (default) or HTSAT-base")
+    p.add_argument("--encoder", choices=("logmel", "hf-clap", "musicldm", "laion-clap"), default="logmel",
+                   help="logmel (no weights, audio only), hf-clap (transformers), musicldm (a MusicLDM pipeline's own "
+                        "CLAP, for generate.py), laion-clap (pip install laion_clap)")
+    p.add_argument("--model", help="hf-clap: hub id or folder (default laion/clap-htsat-unfused); musicldm: the pipeline "
+                                   "(default ucsd-reach/musicldm); laion-clap: audio tower, HTSAT-tiny (default) or HTSAT-base")
     p.add_argument("--checkpoint", help="laion-clap: local .pt (default: laion_clap downloads its own)")
     p.add_argument("--fusion", action="store_true", help="laion-clap: a fusion checkpoint")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -540,7 +558,8 @@ def main(argv=None) -> int:
         out = args.out if shard is None else part_path(args.out, shard)
         text_part = None if args.captions is None else text_out if shard is None else part_path(text_out, shard)
         encoder = (LogMelEncoder() if args.encoder == "logmel" else   # DataError if it cannot be set up
-                   HFClapEncoder(args.model or "laion/clap-htsat-unfused", args.device) if args.encoder == "hf-clap" else
+                   HFClapEncoder.load(args.model or "laion/clap-htsat-unfused", args.device) if args.encoder == "hf-clap" else
+                   HFClapEncoder.load(args.model or "ucsd-reach/musicldm", args.device, True) if args.encoder == "musicldm" else
                    LaionClapEncoder(args.checkpoint, args.model or "HTSAT-tiny", args.fusion, args.device))
         load_cache(out, encoder.name)                      # refuse a wrong cache before embedding anything
         if text_part:

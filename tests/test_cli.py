@@ -38,7 +38,8 @@ def test_train_writes_checkpoint_and_prints_table(trained):
     cwd, out = trained
     ckpt = torch.load(cwd / "runs" / "audio-video" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 8 and "optimizer" in ckpt and ckpt["config"]["switch_every"] == 3
-    assert ckpt["run"] == dict(pair="audio-video", data=TINY, epochs=2, batch_size=64, lr=1e-3, seed=0, direction="both")
+    assert ckpt["run"] == dict(pair="audio-video", data=TINY, epochs=2, batch_size=64, lr=1e-3, seed=0, direction="both",
+                              encoder=None)   # synthetic: no embedding model
     assert "parameters" in out.stdout
     for row in ("B->A      contrastive", "B->A      diffgap", "A->B      contrastive", "A->B      diffgap"):
         assert row in out.stdout

@@ -23,8 +23,8 @@ FREQS = (300.0, 900.0, 2500.0)
 WORDS = ("low hum", "middle tone", "high whistle")
 
 
-def tiny_clap(folder, fusion=False):
-    """A small random ClapModel + ClapProcessor (48 kHz, 1 s window) saved to folder."""
+def tiny_clap(folder, fusion=False, width=16):
+    """A small random ClapModel (embeddings of `width`) + ClapProcessor (48 kHz, 1 s window) saved to folder."""
     from tokenizers.pre_tokenizers import ByteLevel
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     for ch in sorted(ByteLevel.alphabet()):
@@ -32,14 +32,14 @@ def tiny_clap(folder, fusion=False):
     vocab["<mask>"] = len(vocab)
     tokenizer = transformers.RobertaTokenizer(vocab=vocab, merges=[])       # byte level, no merges
     text = transformers.ClapTextConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=37, max_position_embeddings=130, projection_dim=16)
+                                       intermediate_size=37, max_position_embeddings=130, projection_dim=width)
     audio = transformers.ClapAudioConfig(spec_size=128, freq_ratio=2, window_size=4, patch_size=4, patch_stride=(4, 4), depths=[1, 1],
                                          num_attention_heads=[2, 2], num_hidden_layers=2, hidden_size=32,
-                                         patch_embeds_hidden_size=16, projection_dim=16, enable_fusion=fusion,
+                                         patch_embeds_hidden_size=16, projection_dim=width, enable_fusion=fusion,
                                          fusion_type="aff_2d" if fusion else None)   # as LAION's fused checkpoints
     torch.manual_seed(0)
     model = transformers.ClapModel(transformers.ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(),
-                                                           projection_dim=16))
+                                                           projection_dim=width))
     features = transformers.ClapFeatureExtractor(sampling_rate=48000, max_length_s=WINDOW_S,
                                                  truncation="fusion" if fusion else "rand_trunc")
     transformers.ClapProcessor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(folder)
@@ -164,14 +164,14 @@ def test_shards_and_merges_from_the_command_line_equal_one_process(model_dir, tm
 def test_fusion_checkpoints_embed_the_same_every_time(tmp_path):
     """A fusion feature extractor flags a random clip of each batch as longer; extraction must not."""
     from embed_cache.extract import HFClapEncoder
-    enc = HFClapEncoder(tiny_clap(tmp_path / "fused", fusion=True), device="cpu")
+    enc = HFClapEncoder.load(tiny_clap(tmp_path / "fused", fusion=True), device="cpu")
     rng = np.random.default_rng(0)
     clips = [rng.normal(size=n).astype(np.float32) * 0.1 for n in (20000, 48000, 30000)]
     first = enc.embed_audio(clips)
     for seed in range(4):
         np.random.seed(seed)
         assert np.array_equal(enc.embed_audio(clips), first)
-    inputs = enc.processor.feature_extractor(clips, sampling_rate=48000, return_tensors="pt")
+    inputs = enc.fe(clips, sampling_rate=48000, return_tensors="pt")
     inputs["is_longer"][:] = False
     with torch.no_grad():
         want = enc.model.get_audio_features(**inputs).pooler_output
