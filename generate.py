@@ -77,8 +77,9 @@ def load_pipeline(name: str, device):
     except Exception as e:   # no such folder or hub id, offline, another library's files: all one line
         path = os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1   # hub ids: ORG/NAME
         raise DataError(f"--pipeline {name}: " + (("no such folder" if not os.path.exists(name) else
-                        f"not a diffusers pipeline folder ({reason(e)})") if path else f"cannot load the hub pipeline "
-                        f"({reason(e)}); it needs a network once: hf download {name}")) from None
+                        f"not a diffusers pipeline folder ({reason(e)})") if path else f"no such folder, and not a hub "
+                        f"pipeline in the Hugging Face cache ({reason(e)}); a hub id needs a network once: hf download "
+                        f"{name}")) from None
     if type(pipe).__name__ not in KINDS:
         raise DataError(f"--pipeline {name}: a {type(pipe).__name__}; generate.py drives {' and '.join(KINDS)}")
     if pipe.unet.config.class_embed_type != "simple_projection":   # a UNet without it ignores class labels silently
@@ -198,14 +199,18 @@ def main(argv=None) -> int:
         path = os.path.abspath(args.ckpt)   # the manifest's record of it
         model, ckpt = ev.load_checkpoint(path)
         ev.set_kernels(args.kernels, device)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DataError(f"--out {args.out}: a file, not a folder")
+    parent = os.path.abspath(args.out)   # the first of it and its parents that exists must be a folder
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DataError(f"--out {args.out}: {parent} is a file, not a folder")
     for folder in conditions:
         if os.path.exists(os.path.join(args.out, folder, "manifest.json")):
             raise DataError(f"{os.path.join(args.out, folder)}: already holds a generation (manifest.json); choose another --out")
     pipe, kind = load_pipeline(args.pipeline, device)
     note = check_match(model, ckpt, path, pipe, kind, args.pipeline) if model else ""
-    enc = HFClapEncoder(pipe.text_encoder, pipe.tokenizer, getattr(pipe, "feature_extractor", None), f"{kind}:{args.pipeline}")
+    where = os.path.realpath(args.pipeline) if os.path.isdir(args.pipeline) else args.pipeline
+    enc = HFClapEncoder(pipe.text_encoder, pipe.tokenizer, getattr(pipe, "feature_extractor", None), f"{kind}:{where}")
     judge = None   # the CLAP that measures the comparison
     if args.reference_audio:
         if args.clap is None and enc.fe is None:
@@ -228,8 +233,7 @@ def main(argv=None) -> int:
                   guidance_scale=call["guidance_scale"].default if args.gen_guidance is None else args.gen_guidance,
                   **({} if args.seconds is None else {"audio_length_in_s": args.seconds}))
     negative = torch.from_numpy(enc.embed_text([""])).to(device)    # (1, D): guidance's unconditional side
-    info = dict(pipeline=os.path.realpath(args.pipeline) if os.path.isdir(args.pipeline) else args.pipeline, kind=kind,
-                generator=gen_kw, captions=os.path.abspath(args.captions or args.cond))
+    info = dict(pipeline=where, kind=kind, generator=gen_kw, captions=os.path.abspath(args.captions or args.cond))
     gen = {}   # the generated clips' CLAP audio embeddings, for the comparison
     for name in conditions:
         embeds = text.to(device)

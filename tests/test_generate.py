@@ -183,7 +183,7 @@ def test_condition_embeddings_from_a_file(setup, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["width", "encoder", "elsewhere", "audioldm-musicldm", "no-class-label", "package",
-                                  "latin-1", "utf-16", "no-file", "no-pipeline", "fd-clips", "audioldm-no-clap", "done"])
+                                  "latin-1", "utf-16", "no-file", "no-pipeline", "hub-id", "fd-clips", "audioldm-no-clap", "out-file", "done"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(setup, case, tmp_path, capsys, monkeypatch):
     root, music, audioldm, ckpt = setup
     captions, pipe, extra = root / "prompts.txt", music, []
@@ -205,6 +205,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(setup, case, tmp_path,
         captions = tmp_path / "missing.txt"
     if case == "no-pipeline":
         pipe = tmp_path / "nothing"
+    if case == "hub-id":   # a bare name: a folder here, or a hub id, looked up offline
+        pipe = "nosuchpipeline"
+        monkeypatch.setattr(pytest.importorskip("huggingface_hub").constants, "HF_HUB_OFFLINE", True)
     if case == "no-class-label":   # a UNet that would ignore the condition
         pipe = tiny_pipeline(tmp_path / "plain", class_embed_type=None)
     if case in ("fd-clips", "audioldm-no-clap"):
@@ -213,6 +216,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(setup, case, tmp_path,
         pipe = audioldm if case == "audioldm-no-clap" else music
         if case == "audioldm-no-clap":
             ckpt = with_encoder(ckpt, "laion-clap:audioldm.pt:HTSAT-tiny", tmp_path / "laion.pt")
+    if case == "out-file":   # --out below a file
+        (tmp_path / "afile").write_text("")
+        extra = ["--out", tmp_path / "afile" / "sub"]
     if case == "done":
         (tmp_path / "out" / "diffgap").mkdir(parents=True)
         (tmp_path / "out" / "diffgap" / "manifest.json").write_text("{}")
@@ -232,6 +238,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(setup, case, tmp_path,
         "fd-clips": "20 clips with captions",
         "audioldm-no-clap": "--clap MODEL",
         "done": "already holds a generation",
+        "out-file": "afile is a file, not a folder",
+        "hub-id": "nosuchpipeline: no such folder, and not a hub pipeline in the Hugging Face cache",
     }[case]
     assert code == 2 and want in err and len(err.strip().splitlines()) == 1, err
     written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*"))
