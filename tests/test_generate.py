@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+import diffgap as dg
 import diffgap_eval as ev
 import generate
 import train
@@ -187,10 +188,9 @@ def test_condition_embeddings_from_a_file(setup, tmp_path, capsys):
 def test_bad_input_is_one_line_exit_2_and_nothing_written(setup, case, tmp_path, capsys, monkeypatch):
     root, music, audioldm, ckpt = setup
     captions, pipe, extra = root / "prompts.txt", music, []
-    if case == "width":   # a checkpoint of 64-d synthetic embeddings
-        assert train.main(["--pair", "audio-text", "--data", "synthetic:dim=64,rank=8,n_train=200", "--min-steps", "1",
-                           "--epochs", "1", "--no-eval", "--out", str(tmp_path / "r"), "--device", "cpu"]) == 0
-        ckpt = tmp_path / "r" / "audio-text" / "ckpt.pt"
+    if case == "width":   # a checkpoint of 64-d embeddings
+        ckpt = tmp_path / "narrow.pt"
+        ev.save_checkpoint(str(ckpt), dg.DiffGAP(dg.DiffGAPConfig(dim_a=64, dim_b=64)), run={"pair": "audio-text"})
     if case in ("encoder", "elsewhere"):   # another CLAP; MusicLDM's CLAP, but of another pipeline
         ckpt = with_encoder(ckpt, "hf-clap:laion/clap-htsat-unfused" if case == "encoder" else f"musicldm:{audioldm}",
                             tmp_path / "other.pt")
