@@ -24,7 +24,8 @@ import diffgap_eval as ev
 from diffgap_eval import ArgParser, number
 from embed_cache.arrays import check_embeddings, read_array
 from embed_cache.base import DataError, atomic_write, read_text, reason
-from embed_cache.extract import HFClapEncoder, import_optional, make_plan, read_audio, read_captions, resample
+from embed_cache.extract import (HFClapEncoder, import_optional, make_plan, model_name, read_audio, read_captions,
+                                 resample)
 
 KINDS = {"MusicLDMPipeline": "musicldm", "AudioLDMPipeline": "audioldm"}
 MIN_FD_CLIPS = 8   # a Frechet distance from fewer clips is mostly its own bias
@@ -70,8 +71,7 @@ def import_pipelines():
     return diffusers
 
 
-def load_pipeline(name: str, device):
-    diffusers = import_pipelines()
+def load_pipeline(diffusers, name: str, device):
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(name)
     except Exception as e:   # no such folder or hub id, offline, another library's files: all one line
@@ -98,8 +98,7 @@ def check_match(model, ckpt: dict, path: str, pipe, kind: str, name: str) -> str
                         f"{widths[0]}-d CLAP audio embeddings from {widths[1]}-d text embeddings")
     if ckpt["run"].get("pair", "audio-text") != "audio-text":
         raise DataError(f"{path}: trained on {ckpt['run']['pair']}; generation needs an audio-text checkpoint")
-    where = os.path.realpath(name) if os.path.isdir(name) else name   # as extraction records a pipeline folder
-    recorded, own = ckpt["run"].get("encoder"), f"musicldm:{where}"
+    recorded, own = ckpt["run"].get("encoder"), f"musicldm:{model_name(name)}"   # as extraction records it
     if kind == "audioldm":
         if (recorded or "").startswith("musicldm:"):
             raise DataError(f"{path}: trained on embeddings of {recorded}, MusicLDM's CLAP; AudioLDM was trained with "
@@ -114,11 +113,12 @@ def check_match(model, ckpt: dict, path: str, pipe, kind: str, name: str) -> str
     return f"{path} was trained on {own}: the generator's own CLAP"
 
 
-def read_prompts(args) -> list[tuple[str, str]]:
-    """[(id, caption)]: every caption, or with --reference-audio the first caption of each clip."""
+def read_prompts(args) -> tuple[list[tuple[str, str]], dict]:
+    """([(id, caption)], {id: audio file}): every caption, or with --reference-audio the first caption of each
+    clip and the clips' files."""
     if args.reference_audio:
         plan = make_plan(args.reference_audio, args.captions, args.id_col)
-        return [(i, text) for i, n, text in plan.captions if n == 0]
+        return [(i, text) for i, n, text in plan.captions if n == 0], dict(plan.files)
     if not args.captions.endswith((".csv", ".json")):
         if not os.path.isfile(args.captions):
             raise DataError(f"{args.captions}: no such file")
@@ -126,8 +126,8 @@ def read_prompts(args) -> list[tuple[str, str]]:
         prompts = [(str(n + 1), text) for n, text in enumerate(lines) if text]   # id: the line number
         if not prompts:
             raise DataError(f"{args.captions}: no captions (one per line)")
-        return prompts
-    return [(i, text) for i, _, text in read_captions(args.captions, args.id_col)]
+        return prompts, {}
+    return [(i, text) for i, _, text in read_captions(args.captions, args.id_col)], {}
 
 
 def write_clips(pipe, embeds: torch.Tensor, negative: torch.Tensor, prompts: list, folder: str, info: dict,
@@ -188,8 +188,8 @@ def main(argv=None) -> int:
         raise DataError("--reference-audio needs --captions (the clips' captions), not --cond")
     conditions = ("text", "diffgap") if args.condition == "both" else (args.condition,)
     device = ev.pick_device(args.device)
-    import_pipelines()   # a missing package is one line before any file is read
-    prompts = read_prompts(args) if args.captions else None
+    diffusers = import_pipelines()   # a missing package is one line before any file is read
+    prompts, files = read_prompts(args) if args.captions else (None, {})
     cond = None if args.captions else check_embeddings(read_array(args.cond), args.cond)   # unit rows
     if args.reference_audio and len(prompts) < args.fd_clips:
         raise DataError(f"{args.captions}: {len(prompts)} clips with captions in {args.reference_audio}, fewer than "
@@ -207,9 +207,9 @@ def main(argv=None) -> int:
     for folder in conditions:
         if os.path.exists(os.path.join(args.out, folder, "manifest.json")):
             raise DataError(f"{os.path.join(args.out, folder)}: already holds a generation (manifest.json); choose another --out")
-    pipe, kind = load_pipeline(args.pipeline, device)
+    pipe, kind = load_pipeline(diffusers, args.pipeline, device)
     note = check_match(model, ckpt, path, pipe, kind, args.pipeline) if model else ""
-    where = os.path.realpath(args.pipeline) if os.path.isdir(args.pipeline) else args.pipeline
+    where = model_name(args.pipeline)
     enc = HFClapEncoder(pipe.text_encoder, pipe.tokenizer, getattr(pipe, "feature_extractor", None), f"{kind}:{where}")
     judge = None   # the CLAP that measures the comparison
     if args.reference_audio:
@@ -217,8 +217,7 @@ def main(argv=None) -> int:
             raise DataError(f"--pipeline {args.pipeline}: AudioLDM holds only CLAP's text tower; the comparison needs an "
                             f"audio tower: --clap MODEL (a transformers ClapModel, e.g. laion/clap-htsat-unfused)")
         judge = HFClapEncoder.load(args.clap, args.device) if args.clap else enc
-        files = dict(make_plan(args.reference_audio).files)   # read before anything is generated
-        window, n = int(judge.sample_rate * judge.clip_seconds), args.batch_size
+        window, n = int(judge.sample_rate * judge.clip_seconds), args.batch_size   # read before anything is generated
         ref = torch.cat([embed_clips(judge, [read_audio(files[i], judge.sample_rate, window) for i, _ in prompts[s:s + n]],
                                      judge.sample_rate) for s in tqdm(range(0, len(prompts), n), desc="reference clips")])
     text = torch.from_numpy(enc.embed_text([t for _, t in prompts])) if prompts else cond    # (N, D_B) unit rows
@@ -247,8 +246,7 @@ def main(argv=None) -> int:
             info["diffgap"] = dict(checkpoint=path, lam=1.0, steps=args.steps, sampler=args.sampler, eta=args.eta,
                                    guidance=args.guidance, num_samples=args.num_samples, seed=args.seed)
         folder = os.path.join(args.out, name)
-        gen[name] = write_clips(pipe, embeds, negative, prompts, folder, dict(info, condition=name), args,
-                                judge)
+        gen[name] = write_clips(pipe, embeds, negative, prompts, folder, dict(info, condition=name), args, judge)
         print(f"wrote {folder}: {len(prompts)} WAV files at {pipe.vocoder.config.sampling_rate} Hz and manifest.json")
     if args.reference_audio:
         table = comparison(gen, ref, torch.from_numpy(judge.embed_text([t for _, t in prompts])), args.fd_clips,

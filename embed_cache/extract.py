@@ -98,6 +98,11 @@ def import_optional(module: str, who: str):
                         f"it names (python -c 'import {module}' shows the traceback)") from None
 
 
+def model_name(model: str) -> str:
+    """A model as caches and checkpoints record it: a folder by its real path (the same from any working folder)."""
+    return os.path.realpath(model) if os.path.isdir(model) else model
+
+
 def unit_rows(x) -> np.ndarray:
     """(B, D) float32 numpy unit rows from a tensor, an array, or a transformers 5.x output (pooler_output)."""
     x = getattr(x, "pooler_output", x)
@@ -176,9 +181,8 @@ class HFClapEncoder:
                 f"no such folder, and not a hub id like {'ucsd-reach/musicldm' if pipeline else 'laion/clap-htsat-unfused'}"
                 if path else f"not in the Hugging Face cache and not downloadable (offline, or no such model); hf download "
                 f"{model} once with a network ({reason(e)})")) from None
-        # a pipeline folder by its real path, which generate.py compares with the one it is given
-        where = os.path.realpath(model) if pipeline and os.path.isdir(model) else model
-        return cls(clap, parts[1], parts[0], f"{'musicldm' if pipeline else 'hf-clap'}:{where}")
+        # a pipeline by model_name, which generate.py compares with the one it is given
+        return cls(clap, parts[1], parts[0], f"musicldm:{model_name(model)}" if pipeline else f"hf-clap:{model}")
 
     @torch.no_grad()
     def embed_audio(self, clips: list[np.ndarray]) -> np.ndarray:
